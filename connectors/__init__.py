@@ -1,0 +1,1 @@
+"""Engine-side connectors: vLLM KV connector, SGLang HiCache backend, position-independent blend."""

