@@ -1,0 +1,110 @@
+"""The chunk index: position-independent chunk key -> where its KV blocks are and at which
+position that KV was computed.
+
+A chunk's blocks are ordinary blocks in the prefix tree, chained from the chunk key
+(index.hashing.chunk_block_keys); this index only adds the chunk's length and canonical start
+position. Entries persist as manifest blocks (flag tiers.base.FLAG_MANIFEST, key = chunk key,
+payload = msgpack of the entry) in the durable tiers, so a restarted service still knows its
+chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+
+from index.hashing import KEY_BYTES, ROOT_KEY
+from tiers.base import FLAG_MANIFEST, BlockMeta
+
+MANIFEST_KIND = "chunk"
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    num_tokens: int
+    start_pos: int
+    keys: list[bytes]
+    # Set on lookup results: all blocks still stored. Not persisted, not compared.
+    resident: bool = field(default=True, compare=False)
+
+    def __post_init__(self) -> None:
+        assert self.num_tokens > 0 and self.start_pos >= 0, "validated by the caller"
+        assert all(len(k) == KEY_BYTES for k in self.keys), "block keys are 16 bytes"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest block ready for Tier.put: header + payload."""
+
+    meta: BlockMeta
+    payload: bytes
+
+
+def encode_entry(ns: int, chunk: bytes, entry: ChunkEntry) -> Manifest:
+    payload = msgpack.packb(
+        {
+            "kind": MANIFEST_KIND,
+            "num_tokens": entry.num_tokens,
+            "start_pos": entry.start_pos,
+            "keys": b"".join(entry.keys),
+        },
+        use_bin_type=True,
+    )
+    return Manifest(BlockMeta.for_payload(ns, chunk, ROOT_KEY, payload, FLAG_MANIFEST), payload)
+
+
+def decode_entry(payload: bytes | memoryview) -> ChunkEntry | None:
+    """The entry a chunk manifest holds, or None when the payload is another manifest kind or
+    malformed (a damaged manifest only costs that chunk's reuse)."""
+    try:
+        d = msgpack.unpackb(payload, raw=False)
+        if not isinstance(d, dict) or d.get("kind") != MANIFEST_KIND:
+            return None
+        blob = d["keys"]
+        if len(blob) % KEY_BYTES:
+            return None
+        keys = [bytes(blob[i : i + KEY_BYTES]) for i in range(0, len(blob), KEY_BYTES)]
+        return ChunkEntry(int(d["num_tokens"]), int(d["start_pos"]), keys)
+    except (ValueError, KeyError, TypeError, AssertionError, msgpack.UnpackException):
+        return None
+
+
+class ChunkIndex:
+    """chunk key -> ChunkEntry, with the namespace seed each chunk belongs to."""
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, ChunkEntry] = {}
+        self._ns: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, chunk: bytes) -> bool:
+        return chunk in self._entries
+
+    def add(self, ns: int, chunk: bytes, entry: ChunkEntry) -> None:
+        assert len(chunk) == KEY_BYTES, "chunk keys are 16 bytes"
+        self._entries[chunk] = entry
+        self._ns[chunk] = ns
+
+    def get(self, chunk: bytes, ns: int | None = None) -> ChunkEntry | None:
+        """The entry of ``chunk``; None when unknown or (given ``ns``) of another namespace."""
+        entry = self._entries.get(chunk)
+        if entry is None or (ns is not None and self._ns[chunk] != ns):
+            return None
+        return entry
+
+    def remove(self, chunk: bytes) -> bool:
+        self._ns.pop(chunk, None)
+        return self._entries.pop(chunk, None) is not None
+
+    def count(self, ns: int) -> int:
+        return sum(1 for s in self._ns.values() if s == ns)
+
+    def check_integrity(self) -> None:
+        assert self._entries.keys() == self._ns.keys(), "entries and namespaces disagree"
+        for chunk, entry in self._entries.items():
+            assert len(chunk) == KEY_BYTES, f"chunk key {chunk!r} is not 16 bytes"
+            assert entry.keys, f"chunk {chunk.hex()} has no blocks"
+            assert chunk not in entry.keys, f"chunk {chunk.hex()} lists itself as a block"

@@ -1,0 +1,289 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+
+from cacheservice.errors import (
+    BadRequest,
+    NamespaceConflict,
+    TooLarge,
+    UnknownNamespace,
+    WrongBlockSize,
+)
+from cacheservice.service import CacheService
+from index.hashing import ROOT_KEY, Namespace, chunk_block_keys, chunk_key, prefix_keys
+from tiers.base import HEADER_BYTES
+from tiers.disk import DiskTier
+from tiers.host import ArenaView, HostTier
+
+BB = 1024  # block bytes
+SLOT = 4096
+NS = Namespace("test-model", "float16", "NHD", block_tokens=4)
+
+
+def make_tokens(n_blocks: int, start: int = 0) -> list[int]:
+    return list(range(start, start + 4 * n_blocks))
+
+
+def make_keys(n_blocks: int, start: int = 0) -> list[bytes]:
+    return prefix_keys(make_tokens(n_blocks, start), NS.seed, 4)
+
+
+def make_data(n: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n * BB, dtype=np.uint8).tobytes()
+
+
+async def make_service(
+    tmp_path: Path, host_slots: int = 8, disk: bool = True, name: str = "a", **kw
+) -> CacheService:
+    host = HostTier(str(tmp_path / f"arena-{name}"), host_slots * SLOT, SLOT)
+    lower = [DiskTier(str(tmp_path / "disk"), 64 * (BB + HEADER_BYTES))] if disk else []
+    svc = CacheService(host, lower, **kw)
+    await svc.start()
+    return svc
+
+
+async def checked(svc: CacheService) -> None:
+    await svc.drain()
+    svc.check_integrity()
+
+
+async def test_register_validates(tmp_path):
+    svc = await make_service(tmp_path)
+    info = svc.register_namespace(NS, BB)
+    assert info.ns == NS.id and info.seed == NS.seed and info.block_bytes == BB
+    assert info.arena["slot_bytes"] == SLOT and info.arena["num_slots"] == 8
+    assert svc.register_namespace(NS, BB) == info  # idempotent
+    with pytest.raises(NamespaceConflict):
+        svc.register_namespace(NS, BB * 2)
+    with pytest.raises(TooLarge, match="--slot-bytes 8192"):
+        svc.register_namespace(Namespace("big", "f", "l", 4), 5000)
+    with pytest.raises(BadRequest):
+        svc.register_namespace(Namespace("zero", "f", "l", 4), 0)
+    with pytest.raises(UnknownNamespace):
+        await svc.lookup("0" * 16, make_keys(1))
+    with pytest.raises(BadRequest):
+        await svc.lookup(NS.id, b"x" * 17)
+    with pytest.raises(BadRequest):
+        await svc.lookup(NS.id, [b"short"])
+    small = await make_service(tmp_path, name="b", disk=False, max_keys=2)
+    small.register_namespace(NS, BB)
+    with pytest.raises(TooLarge, match="max-keys"):
+        await small.lookup(NS.id, make_keys(3))
+    with pytest.raises(WrongBlockSize):
+        await svc.put_blocks(NS.id, make_keys(2), ROOT_KEY, make_data(1))
+    assert svc.stats()["stores"] == 0 and len(svc.tree) == 0  # bad requests stored nothing
+    await checked(svc)
+    await svc.close()
+    await small.close()
+
+
+async def test_reserve_commit_acquire_through_arena(tmp_path):
+    svc = await make_service(tmp_path)
+    info = svc.register_namespace(NS, BB)
+    keys = make_keys(3)
+    data = make_data(3)
+    r = await svc.reserve(NS.id, keys, ROOT_KEY)
+    assert None not in r.slots and len(set(r.slots)) == 3
+    assert (await svc.lookup(NS.id, keys)).hits == 0  # invisible until committed
+    with ArenaView.open(info.arena["path"]) as arena:
+        for i, slot in enumerate(r.slots):
+            arena.payload(slot, BB)[:] = data[i * BB : (i + 1) * BB]
+        assert await svc.commit(r.lease) == 3
+        look = await svc.lookup(NS.id, keys + make_keys(1, start=900))
+        assert look.hits == 3 and look.tiers == ["host"] * 3
+        a = await svc.acquire(NS.id, keys)
+        assert len(a.slots) == 3 and a.lengths == [BB] * 3
+        for i, (slot, csum) in enumerate(zip(a.slots, a.checksums, strict=True)):
+            got = bytes(arena.payload(slot, BB))
+            assert got == data[i * BB : (i + 1) * BB] and xxhash.xxh3_64_intdigest(got) == csum
+        assert all(svc.tree.get(k).pins == 1 for k in keys)
+        await checked(svc)
+        assert svc.release(a.lease) == 3 and svc.release(a.lease) == 0
+    assert all(svc.tree.get(k).pins == 0 for k in keys)
+    again = await svc.reserve(NS.id, keys, ROOT_KEY)
+    assert again.slots == [None] * 3  # already stored: skip
+    assert await svc.commit(again.lease) == 0
+    await checked(svc)
+    await svc.close()
+
+
+async def test_commit_partial_and_abort(tmp_path):
+    svc = await make_service(tmp_path, disk=False)
+    svc.register_namespace(NS, BB)
+    keys = make_keys(3)
+    free = svc.host.free_slots
+    r = await svc.reserve(NS.id, keys, ROOT_KEY)
+    with pytest.raises(BadRequest):
+        await svc.commit(r.lease, [True])
+    assert await svc.commit(r.lease, [True, False, True]) == 2
+    assert svc.host.free_slots == free - 2
+    assert (await svc.lookup(NS.id, keys)).hits == 1  # block 2 hangs under a missing parent
+    await checked(svc)
+    r2 = await svc.reserve(NS.id, make_keys(2, start=100), ROOT_KEY)
+    assert svc.release(r2.lease) == 2 and svc.host.free_slots == free - 2
+    # a concurrent reserve of the same key gets no slot while the first lease holds it
+    r3 = await svc.reserve(NS.id, make_keys(1, start=200), ROOT_KEY)
+    r4 = await svc.reserve(NS.id, make_keys(1, start=200), ROOT_KEY)
+    assert r3.slots[0] is not None and r4.slots == [None]
+    await checked(svc)
+    await svc.close()
+
+
+async def test_lease_expiry_releases_and_aborts(tmp_path):
+    svc = await make_service(tmp_path, disk=False, lease_ms=60_000)
+    svc.register_namespace(NS, BB)
+    keys = make_keys(2)
+    await svc.put_blocks(NS.id, keys, ROOT_KEY, make_data(2))
+    a = await svc.acquire(NS.id, keys, lease_ms=50)
+    free = svc.host.free_slots
+    r = await svc.reserve(NS.id, make_keys(2, start=40), ROOT_KEY)
+    assert svc.host.free_slots == free - 2
+    assert svc.expire_leases() == 0
+    import time
+
+    assert svc.expire_leases(time.monotonic() + 61) == 2
+    assert svc.host.free_slots == free and all(svc.tree.get(k).pins == 0 for k in keys)
+    assert await svc.commit(r.lease) == 0 and svc.release(a.lease) == 0
+    assert svc.stats()["leases"] == 0
+    await checked(svc)
+    await svc.close()
+
+
+async def test_expiry_task_runs(tmp_path):
+    import asyncio
+
+    svc = await make_service(tmp_path, disk=False, lease_ms=100)
+    svc.register_namespace(NS, BB)
+    r = await svc.reserve(NS.id, make_keys(1), ROOT_KEY)
+    assert svc.stats()["leases"] == 1
+    await asyncio.sleep(0.4)
+    assert svc.stats()["leases"] == 0 and await svc.commit(r.lease) == 0
+    await svc.close()
+
+
+async def test_acquired_blocks_survive_host_pressure(tmp_path):
+    svc = await make_service(tmp_path, host_slots=4, disk=False)
+    svc.register_namespace(NS, BB)
+    keys = make_keys(2)
+    data = make_data(2)
+    await svc.put_blocks(NS.id, keys, ROOT_KEY, data)
+    a = await svc.acquire(NS.id, keys)
+    for i in range(6):  # far more than fits: only unpinned blocks may go
+        await svc.put_blocks(NS.id, make_keys(1, start=1000 + 10 * i), ROOT_KEY, make_data(1, i))
+    assert [svc.host.slot_of(k) for k in keys] == a.slots
+    assert bytes(svc.host.payload_view(a.slots[1], BB)) == data[BB:]
+    svc.release(a.lease)
+    assert svc.stats()["evictions"] >= 4
+    await checked(svc)
+    await svc.close()
+
+
+async def test_put_get_blocks_prefix_flat_and_exists(tmp_path):
+    svc = await make_service(tmp_path)
+    svc.register_namespace(NS, BB)
+    keys = make_keys(4)
+    data = make_data(4)
+    assert await svc.put_blocks(NS.id, keys[:3], ROOT_KEY, data[: 3 * BB]) == 3
+    got = await svc.get_blocks(NS.id, keys)
+    assert got.count == 3 and got.data == data[: 3 * BB] and got.present == [True] * 3 + [False]
+    sparse = await svc.get_blocks(NS.id, [keys[3], keys[1]], prefix=False)
+    assert sparse.count == 1 and sparse.present == [False, True]
+    assert sparse.data == data[BB : 2 * BB]
+    flat = [bytes([i]) * 16 for i in range(1, 4)]
+    assert await svc.put_blocks(NS.id, flat, ROOT_KEY, make_data(3, 9), flat=True) == 3
+    assert await svc.exists(NS.id, flat) == 3
+    assert await svc.exists(NS.id, flat[:1] + keys[3:] + flat[1:]) == 1
+    assert (await svc.get_blocks(NS.id, flat)).data == make_data(3, 9)
+    assert await svc.put_blocks(NS.id, keys, ROOT_KEY, data) == 4  # 3 already there + 1
+    assert svc.stats()["stores"] == 7
+    await checked(svc)
+    await svc.close()
+
+
+async def test_restart_rebuilds_index_namespaces_and_chunks(tmp_path):
+    svc = await make_service(tmp_path)
+    svc.register_namespace(NS, BB)
+    keys = make_keys(5)
+    data = make_data(5)
+    await svc.put_blocks(NS.id, keys, ROOT_KEY, data)
+    doc = make_tokens(2, start=7000)[:6]  # 6 tokens: one full block + a partial one
+    ck, ckeys = chunk_key(doc, NS.seed), chunk_block_keys(doc, NS.seed, 4)
+    assert await svc.register_chunk(NS.id, ck, 6, 12, ckeys, make_data(2, 5))
+    await svc.drain()
+    await svc.close()
+
+    again = await make_service(tmp_path, name="b")
+    look = await again.lookup(NS.id, keys)  # the namespace is known without re-registering
+    assert look.hits == 5 and look.tiers == ["disk"] * 5
+    a = await again.acquire(NS.id, keys)
+    assert len(a.slots) == 5
+    assert bytes(again.host.payload_view(a.slots[4], BB)) == data[4 * BB :]
+    again.release(a.lease)
+    [entry] = again.lookup_chunks(NS.id, [ck])
+    assert entry.start_pos == 12 and entry.keys == ckeys and entry.resident
+    assert (await again.get_blocks(NS.id, ckeys)).data == make_data(2, 5)
+    await checked(again)
+    await again.close()
+
+
+async def test_chunks_register_and_lookup(tmp_path):
+    svc = await make_service(tmp_path, disk=False)
+    svc.register_namespace(NS, BB)
+    doc = make_tokens(3, start=500)
+    ck, ckeys = chunk_key(doc, NS.seed), chunk_block_keys(doc, NS.seed, 4)
+    assert not await svc.register_chunk(NS.id, ck, 12, 0, ckeys)  # blocks not stored yet
+    with pytest.raises(BadRequest, match="chunk_block_keys"):
+        await svc.register_chunk(NS.id, ck, 12, 0, ckeys[:2])
+    with pytest.raises(BadRequest):
+        await svc.register_chunk(NS.id, ck, 12, -1, ckeys)
+    r = await svc.reserve(NS.id, ckeys, ck)
+    await svc.commit(r.lease)
+    assert await svc.register_chunk(NS.id, ck, 12, 40, ckeys)
+    entries = svc.lookup_chunks(NS.id, [ck, b"\x01" * 16])
+    assert entries[0].num_tokens == 12 and entries[0].resident and entries[1] is None
+    assert (await svc.lookup(NS.id, ckeys)).hits == 3
+    await svc.put_blocks(NS.id, make_keys(8, 3000), ROOT_KEY, make_data(8))  # evicts chunk
+    assert svc.lookup_chunks(NS.id, [ck])[0].resident is False
+    await checked(svc)
+    await svc.close()
+
+
+async def test_corrupt_disk_block_shortens_acquire(tmp_path):
+    svc = await make_service(tmp_path, host_slots=4)
+    svc.register_namespace(NS, BB)
+    keys = make_keys(4)
+    await svc.put_blocks(NS.id, keys, ROOT_KEY, make_data(4))
+    await svc.drain()
+    other = make_keys(4, start=5000)
+    await svc.put_blocks(NS.id, other, ROOT_KEY, make_data(4, 1))  # pushes keys out of host
+    await svc.drain()
+    assert (await svc.lookup(NS.id, keys)).tiers == ["disk"] * 4
+    path = svc.stack.lower[0]._file(keys[2])
+    with open(path, "r+b") as f:
+        f.seek(HEADER_BYTES)
+        f.write(b"\x00" * 8 if f.read(8) != b"\x00" * 8 else b"\x01" * 8)
+    a = await svc.acquire(NS.id, keys)
+    assert len(a.slots) == 2 and svc.stats()["corrupt"] == 1
+    svc.release(a.lease)
+    assert (await svc.lookup(NS.id, keys)).hits == 2
+    await checked(svc)
+    await svc.close()
+
+
+async def test_stats_shape(tmp_path):
+    svc = await make_service(tmp_path)
+    svc.register_namespace(NS, BB)
+    await svc.put_blocks(NS.id, make_keys(2), ROOT_KEY, make_data(2))
+    await svc.lookup(NS.id, make_keys(3))
+    await svc.drain()
+    s = svc.stats()
+    assert s["namespaces"] == 1 and s["blocks"] == {"host": 2, "disk": 2}
+    assert s["bytes"]["host"] == 2 * SLOT and s["capacity"]["host"] == 8 * SLOT
+    assert s["hits"] == 2 and s["misses"] == 1 and s["stores"] == 2
+    for k in ("evictions", "corrupt", "leases"):
+        assert s[k] == 0
+    await svc.close()

@@ -1,0 +1,108 @@
+"""Real parts for tier tests: a redis-server on a free port, blocks with random payloads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.hashing import ROOT_KEY
+from tiers.base import Block, BlockMeta
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisProcess:
+    url: str
+    port: int
+    proc: subprocess.Popen
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def start_redis(workdir: Path) -> RedisProcess:
+    """Start a throwaway redis-server (no persistence) and wait until it accepts connections."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "no", "--dir", str(workdir), "--protected-mode", "no"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return RedisProcess(f"redis://127.0.0.1:{port}/0", port, proc)
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = start_redis(tmp_path / "redis")
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_server(redis_proc: RedisProcess) -> str:
+    """URL of a fresh redis-server, killed after the test."""
+    return redis_proc.url
+
+
+def make_payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic pseudo-random bytes: distinct seeds give distinct payloads."""
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def make_key(i: int) -> bytes:
+    return i.to_bytes(4, "little") + b"k" * 12
+
+
+def make_meta(payload: bytes, i: int = 0, ns: int = 7, parent: bytes = ROOT_KEY) -> BlockMeta:
+    return BlockMeta.for_payload(ns, make_key(i), parent, payload)
+
+
+def make_block(meta: BlockMeta | None = None, payload: bytes | None = None) -> Block:
+    payload = make_payload(1024) if payload is None else payload
+    return Block(make_meta(payload) if meta is None else meta, payload)
+
+
+@pytest.fixture
+def make_blocks() -> Callable[..., list[Block]]:
+    """``make_blocks(n, size)``: n distinct blocks with chained keys and random payloads."""
+
+    def make(n: int, size: int = 4096, start: int = 0) -> list[Block]:
+        blocks = []
+        parent = ROOT_KEY
+        for i in range(start, start + n):
+            payload = make_payload(size, seed=i)
+            meta = make_meta(payload, i, parent=parent)
+            blocks.append(Block(meta, payload))
+            parent = meta.key
+        return blocks
+
+    return make

@@ -1,0 +1,291 @@
+"""The hot tier: a shared-memory arena of fixed-size slots that engines map zero copy.
+
+The arena is a plain file (under /dev/shm by default) mapped with ``mmap``: a 4096-byte arena
+header, then ``num_slots`` slots of ``slot_bytes`` each; a slot is a 64-byte BlockMeta header
+followed by the payload (PROTOCOL.md, "Arena"). The service process owns allocation and the
+key -> slot map; other processes only map the file (ArenaView) and touch slots they were given.
+``multiprocessing.shared_memory`` is avoided on purpose: its resource tracker unlinks segments
+that other processes created.
+
+Slot states (every slot is in exactly one): free, reserved (handed to a writer, invisible to
+get/contains/scan until published), used (published, in the key map).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from cacheservice.errors import BadRequest, TooLarge
+from tiers.base import HEADER_BYTES, Block, BlockMeta, CorruptBlock, Tier
+
+ARENA_MAGIC = b"CSAR"
+ARENA_VERSION = 1
+ARENA_HEADER_BYTES = 4096
+DEFAULT_ARENA_PATH = "/dev/shm/cacheservice-arena"
+_ARENA = struct.Struct("<4sH2xQQQ")
+_NO_HEADER = bytes(HEADER_BYTES)
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    # A caller may still hold a payload memoryview; the mapping then lives until that view
+    # and the mmap object are garbage collected, which unmaps it.
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
+class HostTier(Tier):
+    """Blocks in a shared-memory arena. ``get`` is zero copy: the returned payload is a
+    memoryview into the slot, valid only while the block is pinned in the index (a delete
+    lets the slot be reused). ``put`` copies the payload into a free slot with one memcpy."""
+
+    name = "host"
+
+    def __init__(self, path: str, capacity_bytes: int, slot_bytes: int) -> None:
+        if slot_bytes <= HEADER_BYTES or slot_bytes % 4096:
+            raise BadRequest(
+                f"slot_bytes={slot_bytes} must be a multiple of 4096 larger than the "
+                f"{HEADER_BYTES}-byte block header: round block_bytes + {HEADER_BYTES} up to 4096"
+            )
+        if capacity_bytes < slot_bytes:
+            raise BadRequest(
+                f"host capacity {capacity_bytes} bytes holds no {slot_bytes}-byte slot: "
+                "raise the host capacity or lower slot_bytes"
+            )
+        self.path = path
+        self.slot_bytes = slot_bytes
+        self.num_slots = capacity_bytes // slot_bytes
+        self.data_offset = ARENA_HEADER_BYTES
+        self.max_payload = slot_bytes - HEADER_BYTES
+        size = self.data_offset + self.num_slots * slot_bytes
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # A stale arena may still be mapped by an old process: unlink instead of truncating
+        # it under that process's feet (truncation would SIGBUS it).
+        if os.path.exists(path):
+            os.unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._map[:ARENA_HEADER_BYTES] = _ARENA.pack(
+            ARENA_MAGIC, ARENA_VERSION, slot_bytes, self.num_slots, self.data_offset
+        ).ljust(ARENA_HEADER_BYTES, b"\0")
+        self._view = memoryview(self._map)
+        self._bytes = np.frombuffer(self._map, dtype=np.uint8)
+        self._free = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._reserved: set[int] = set()
+        self._slots: dict[bytes, int] = {}
+        self._metas: dict[int, BlockMeta] = {}
+        self._closed = False
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def arena_info(self) -> dict:
+        return {
+            "path": self.path,
+            "slot_bytes": self.slot_bytes,
+            "num_slots": self.num_slots,
+            "data_offset": self.data_offset,
+        }
+
+    def _slot_offset(self, slot: int) -> int:
+        assert 0 <= slot < self.num_slots, f"slot {slot} outside [0, {self.num_slots})"
+        return self.data_offset + slot * self.slot_bytes
+
+    def payload_view(self, slot: int, length: int | None = None) -> memoryview:
+        n = self.max_payload if length is None else length
+        assert 0 <= n <= self.max_payload, f"length {n} exceeds slot payload {self.max_payload}"
+        start = self._slot_offset(slot) + HEADER_BYTES
+        return self._view[start : start + n]
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.num_slots - len(self._free)) * self.slot_bytes
+
+    # -- writer protocol: alloc -> fill payload_view -> publish (or free) ---------------------
+
+    def alloc(self) -> int | None:
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._reserved.add(slot)
+        return slot
+
+    def publish(self, slot: int, meta: BlockMeta) -> None:
+        assert slot in self._reserved, f"slot {slot} was not reserved"
+        assert meta.length <= self.max_payload, "payload longer than the slot"
+        self._reserved.discard(slot)
+        if meta.key in self._slots:  # another writer published the same block first
+            self._free.append(slot)
+            return
+        off = self._slot_offset(slot)
+        self._map[off : off + HEADER_BYTES] = meta.encode()
+        self._slots[meta.key] = slot
+        self._metas[slot] = meta
+
+    def free(self, slot: int) -> None:
+        assert slot in self._reserved, f"slot {slot} is not reserved (only reserved slots free)"
+        self._reserved.discard(slot)
+        self._free.append(slot)
+
+    def slot_of(self, key: bytes) -> int | None:
+        return self._slots.get(key)
+
+    def meta_of(self, key: bytes) -> BlockMeta | None:
+        slot = self._slots.get(key)
+        return None if slot is None else self._metas[slot]
+
+    # -- Tier -------------------------------------------------------------------------------
+
+    async def put(self, meta: BlockMeta, payload: bytes | memoryview) -> bool:
+        assert meta.length == len(payload), "meta.length must equal the payload length"
+        if meta.length > self.max_payload:
+            raise TooLarge(
+                f"block of {meta.length} bytes exceeds the arena slot payload "
+                f"{self.max_payload}: raise the arena slot_bytes"
+            )
+        if meta.key in self._slots:
+            return True
+        slot = self.alloc()
+        if slot is None:
+            return False
+        start = self._slot_offset(slot) + HEADER_BYTES
+        self._bytes[start : start + meta.length] = np.frombuffer(payload, dtype=np.uint8)
+        self.publish(slot, meta)
+        return True
+
+    async def get(self, key: bytes) -> Block | None:
+        slot = self._slots.get(key)
+        if slot is None:
+            return None
+        meta = self._metas[slot]
+        off = self._slot_offset(slot)
+        payload = self.payload_view(slot, meta.length)
+        try:
+            if self._view[off : off + HEADER_BYTES] != meta.encode():
+                raise CorruptBlock(f"slot {slot} header does not match block {key.hex()}")
+            meta.verify(payload)
+        except CorruptBlock:
+            self._drop(key)
+            return None
+        return Block(meta, payload)
+
+    async def contains(self, key: bytes) -> bool:
+        return key in self._slots
+
+    async def delete(self, key: bytes) -> bool:
+        if key not in self._slots:
+            return False
+        self._drop(key)
+        return True
+
+    def _drop(self, key: bytes) -> None:
+        slot = self._slots.pop(key)
+        del self._metas[slot]
+        off = self._slot_offset(slot)
+        self._map[off : off + HEADER_BYTES] = _NO_HEADER
+        self._free.append(slot)
+
+    async def scan(self) -> AsyncIterator[BlockMeta]:
+        for meta in list(self._metas.values()):
+            yield meta
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        del self._bytes
+        self._view.release()
+        _close_map(self._map)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def check_integrity(self) -> None:
+        used = set(self._metas)
+        free = set(self._free)
+        assert len(free) == len(self._free), "a slot is on the free list twice"
+        assert not (free & used) and not (free & self._reserved) and not (used & self._reserved)
+        assert len(free) + len(used) + len(self._reserved) == self.num_slots, "slots leaked"
+        assert len(self._slots) == len(self._metas), "key map and slot map disagree"
+        for key, slot in self._slots.items():
+            meta = self._metas[slot]
+            assert meta.key == key, f"slot {slot} holds {meta.key.hex()}, map says {key.hex()}"
+            off = self._slot_offset(slot)
+            assert BlockMeta.decode(self._map[off : off + HEADER_BYTES]) == meta, "header drift"
+
+
+class ArenaView:
+    """A client's mapping of the service's arena (another process on the same host). Reads
+    and writes payloads zero copy; never allocates slots and never unlinks the file."""
+
+    def __init__(self, path: str, mm: mmap.mmap, slot_bytes: int, num_slots: int, data_offset: int):
+        self.path = path
+        self.slot_bytes = slot_bytes
+        self.num_slots = num_slots
+        self.data_offset = data_offset
+        self.max_payload = slot_bytes - HEADER_BYTES
+        self._map = mm
+        self._view = memoryview(mm)
+
+    @classmethod
+    def open(cls, path: str) -> ArenaView:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError as e:
+            raise BadRequest(
+                f"no arena at {path}: use the arena.path the service returned on register"
+            ) from e
+        try:
+            head = os.pread(fd, _ARENA.size, 0)
+            if len(head) < _ARENA.size:
+                raise BadRequest(f"{path} is too short to be a cacheservice arena")
+            magic, version, slot_bytes, num_slots, data_offset = _ARENA.unpack(head)
+            if magic != ARENA_MAGIC or version != ARENA_VERSION:
+                raise BadRequest(
+                    f"{path} is not a version-{ARENA_VERSION} cacheservice arena "
+                    f"(magic {magic!r}, version {version}): upgrade the client or service"
+                )
+            size = data_offset + num_slots * slot_bytes
+            if os.fstat(fd).st_size < size:
+                raise BadRequest(f"arena {path} is truncated: restart the service")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(path, mm, slot_bytes, num_slots, data_offset)
+
+    def payload(self, slot: int, length: int | None = None) -> memoryview:
+        if not 0 <= slot < self.num_slots:
+            raise BadRequest(f"slot {slot} outside the arena's [0, {self.num_slots})")
+        n = self.max_payload if length is None else length
+        if not 0 <= n <= self.max_payload:
+            raise TooLarge(f"length {n} exceeds the slot payload {self.max_payload} bytes")
+        start = self.data_offset + slot * self.slot_bytes + HEADER_BYTES
+        return self._view[start : start + n]
+
+    def close(self) -> None:
+        self._view.release()
+        _close_map(self._map)
+
+    def __enter__(self) -> ArenaView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,316 @@
+"""The tier stack: host arena on top, lower tiers (disk, Redis) below, one PrefixTree as the
+truth of which tier holds which block.
+
+Invariants:
+- Writes land in host; a background task writes every new block down to each lower tier
+  (bounded queue, so a slow tier applies back-pressure instead of growing memory).
+- A block leaves a tier only after it is safe in another tier, or it drops from the index
+  (tree.evict_candidates hands out only such blocks; a last copy is first copied one tier down).
+- A read that fails or is corrupt is a miss: that tier's residency is removed from the tree.
+- The tree is mutated only on the event loop; every await re-checks the node it works on.
+  Blocks read zero copy from host are pinned while the read is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from index.hashing import ROOT_KEY
+from index.radix import PrefixTree
+from tiers.base import FLAG_MANIFEST, Block, BlockMeta, Tier
+from tiers.host import HostTier
+
+log = logging.getLogger("cacheservice.stack")
+_WRITE_BATCH = 64
+
+
+@dataclass
+class StackCounters:
+    evictions: int = 0  # tier copies removed to make room
+    dropped: int = 0  # blocks that left the index for good (last copy evicted)
+    corrupt: int = 0  # reads that failed a checksum or the medium
+    promotions: int = 0
+    written_down: int = 0
+
+
+class TierStack:
+    def __init__(
+        self, host: HostTier, lower: Sequence[Tier], tree: PrefixTree, *, queue_size: int = 4096
+    ) -> None:
+        names = [t.name for t in (host, *lower)]
+        assert len(set(names)) == len(names), f"tier names must be unique: {names}"
+        self.host = host
+        self.lower = list(lower)
+        self.tiers: list[Tier] = [host, *lower]
+        self.tree = tree
+        self.counters = StackCounters()
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
+        self._writer: asyncio.Task | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        for tier in self.tiers:
+            await tier.start()
+        if self.lower:
+            self._writer = asyncio.create_task(self._write_loop(), name="cacheservice-writedown")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            await self.drain()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        for tier in self.tiers:
+            await tier.close()
+
+    async def drain(self) -> None:
+        """Wait until every queued write-down has finished."""
+        if self._writer is not None:
+            await self._queue.join()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def store(self, meta: BlockMeta, payload: bytes | memoryview) -> bool:
+        """Copy a block into host (evicting if full), index it and queue its write-down."""
+        node = self.tree.get(meta.key)
+        if node is not None:
+            return True
+        if not await self.host.put(meta, payload):
+            await self.make_room(0, 1)
+            if not await self.host.put(meta, payload):
+                return False
+        await self.published(meta)
+        return True
+
+    async def published(self, meta: BlockMeta) -> None:
+        """A block just became visible in host (put or reserve/commit): index it, write down."""
+        self.tree.insert(meta.parent, meta.key, self.host.name, meta.length)
+        if self._writer is not None:
+            await self._queue.put(meta.key)
+
+    async def host_slots(self, wanted: int) -> int:
+        """Evict until ``wanted`` host slots are free (or nothing more may go); free slots."""
+        short = wanted - self.host.free_slots
+        if short > 0:
+            await self.make_room(0, short)
+        return self.host.free_slots
+
+    async def make_room(self, index: int, count: int) -> int:
+        """Remove up to ``count`` LRU copies from tier ``index``; a last copy is first copied
+        to a lower tier, else it drops from the index. Returns the copies removed."""
+        tier = self.tiers[index]
+        removed = 0
+        tried: set[bytes] = set()
+        while removed < count:
+            want = count - removed
+            fresh = [
+                k
+                for k in self.tree.evict_candidates(tier.name, want + len(tried))
+                if k not in tried
+            ]
+            if not fresh:
+                break
+            for key in fresh[:want]:
+                tried.add(key)
+                removed += await self._evict_one(index, key)
+        self.counters.evictions += removed
+        return removed
+
+    async def _evict_one(self, index: int, key: bytes) -> bool:
+        tier = self.tiers[index]
+        node = self.tree.get(key)
+        if node is None or tier.name not in node.tiers or node.pins:
+            return False  # changed while an earlier candidate was awaited
+        if len(node.tiers) == 1:
+            handles = self.tree.pin([key], touch=False)
+            try:
+                await self._copy_down(key, index)
+            finally:
+                self.tree.unpin_nodes(handles)
+            node = self.tree.get(key)
+            if node is None or tier.name not in node.tiers or node.pins:
+                return False
+            if len(node.tiers) == 1 and node.children:
+                return False  # not copied and no longer a leaf: it must stay
+        last = len(node.tiers) == 1
+        await tier.delete(key)
+        self.tree.remove_tier(key, tier.name)
+        self.counters.dropped += last
+        return True
+
+    async def _copy_down(self, key: bytes, index: int) -> bool:
+        if index + 1 >= len(self.tiers):
+            return False
+        block = await self.tiers[index].get(key)
+        if block is None:
+            self._failed_read(key, self.tiers[index])
+            return False
+        for below in range(index + 1, len(self.tiers)):
+            if await self._put_into(below, [(block.meta, block.payload)]) == [True]:
+                self._add_tier(key, self.tiers[below].name)
+                return True
+        return False
+
+    async def _put_into(
+        self, index: int, items: list[tuple[BlockMeta, bytes | memoryview]]
+    ) -> list[bool]:
+        tier = self.tiers[index]
+        done = await tier.put_many(items)
+        failed = [i for i, ok in enumerate(done) if not ok]
+        if failed and await self.make_room(index, len(failed)):
+            again = await tier.put_many([items[i] for i in failed])
+            for i, ok in zip(failed, again, strict=True):
+                done[i] = ok
+        return done
+
+    def _add_tier(self, key: bytes, name: str) -> None:
+        if self.tree.get(key) is not None:
+            self.tree.add_tier(key, name)
+
+    async def _write_loop(self) -> None:
+        while True:
+            keys = [await self._queue.get()]
+            while len(keys) < _WRITE_BATCH and not self._queue.empty():
+                keys.append(self._queue.get_nowait())
+            try:
+                await self._write_down(keys)
+            except Exception:  # a tier bug must not kill write-down for good
+                log.exception("write-down of %d blocks failed", len(keys))
+            finally:
+                for _ in keys:
+                    self._queue.task_done()
+
+    async def _write_down(self, keys: list[bytes]) -> None:
+        # Snapshot the payloads: holding host slots (pins) across disk/network writes would
+        # block eviction, and a slot may be reused once the block leaves host.
+        live = [k for k in keys if (n := self.tree.get(k)) is not None and "host" in n.tiers]
+        blocks = []
+        for key in live:
+            block = await self.host.get(key)
+            if block is None:
+                self._failed_read(key, self.host)
+            else:
+                blocks.append(Block(block.meta, bytes(block.payload)))
+        for index in range(1, len(self.tiers)):
+            name = self.tiers[index].name
+            todo = [
+                b
+                for b in blocks
+                if (n := self.tree.get(b.meta.key)) is not None and name not in n.tiers
+            ]
+            if not todo:
+                continue
+            done = await self._put_into(index, [(b.meta, b.payload) for b in todo])
+            for block, ok in zip(todo, done, strict=True):
+                if ok:
+                    self._add_tier(block.meta.key, name)
+                    self.counters.written_down += 1
+
+    async def put_manifest(self, meta: BlockMeta, payload: bytes) -> int:
+        """Write an index manifest (not a KV block, never in the tree) to every lower tier."""
+        assert meta.flags & FLAG_MANIFEST, "manifests carry FLAG_MANIFEST"
+        stored = 0
+        for index in range(1, len(self.tiers)):
+            stored += (await self._put_into(index, [(meta, payload)]))[0]
+        return stored
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def fetch(self, key: bytes, promote: bool = True) -> Block | None:
+        """The block from the fastest tier holding it, checksum verified, or None. A block
+        found below host is promoted into host when ``promote`` and room allows; the result
+        is then the host copy (zero copy: pin the key while using it)."""
+        if self.tree.get(key) is None:
+            block = await self._fetch_remote(key)
+            if block is None or not promote:
+                return block
+            return await self._promote(block) or block
+        for index, tier in enumerate(self.tiers):
+            node = self.tree.get(key)
+            if node is None:
+                return None
+            if tier.name not in node.tiers:
+                continue
+            block = await tier.get(key)
+            if block is None:
+                self._failed_read(key, tier)
+                continue
+            if index and promote:
+                return await self._promote(block) or block
+            return block
+        return None
+
+    async def _fetch_remote(self, key: bytes) -> Block | None:
+        """A block no local index knows, from a shared tier (written by another host)."""
+        for tier in self.lower:
+            if getattr(tier, "shared", False):
+                block = await tier.get(key)
+                if block is not None and self.tree.get(key) is None:
+                    self.tree.insert(block.meta.parent, key, tier.name, block.meta.length)
+                    return block
+        return None
+
+    async def _promote(self, block: Block) -> Block | None:
+        key = block.meta.key
+        if not await self.host.put(block.meta, block.payload):
+            await self.make_room(0, 1)
+            if not await self.host.put(block.meta, block.payload):
+                return None
+        if self.tree.get(key) is None:  # dropped while we waited: do not leak the slot
+            await self.host.delete(key)
+            return None
+        self.tree.add_tier(key, self.host.name)
+        self.counters.promotions += 1
+        return await self.host.get(key)
+
+    def _failed_read(self, key: bytes, tier: Tier) -> None:
+        self.counters.corrupt += 1
+        self.tree.remove_tier(key, tier.name)
+
+    async def remote_extend(
+        self, keys: Sequence[bytes], start: int, parent: bytes = ROOT_KEY
+    ) -> int:
+        """Ask shared tiers (Redis written by other hosts) about ``keys[start:]``; index the
+        consecutive ones found. Returns the new hit count."""
+        for tier in self.lower:
+            if not getattr(tier, "shared", False) or start >= len(keys):
+                continue
+            found = await tier.contains_many(keys[start:])
+            prev = keys[start - 1] if start else parent
+            for key, ok in zip(keys[start:], found, strict=True):
+                if not ok:
+                    break
+                self.tree.insert(prev, key, tier.name, 0)
+                prev = key
+                start += 1
+        return start
+
+    async def rebuild(self) -> list[Block]:
+        """Index every block the tiers hold (after a restart); returns the manifest blocks."""
+        manifests: dict[bytes, Block] = {}
+        for tier in self.tiers:
+            found: list[bytes] = []
+            async for meta in tier.scan():
+                if meta.flags & FLAG_MANIFEST:
+                    found.append(meta.key)
+                else:
+                    self.tree.insert(meta.parent, meta.key, tier.name, meta.length)
+            todo = [k for k in found if k not in manifests]
+            for block in await tier.get_many(todo) if todo else []:
+                if block is not None:
+                    manifests[block.meta.key] = block
+        return list(manifests.values())
+
+    def check_integrity(self) -> None:
+        """Tree invariants, host accounting, and: every block the tree puts in host is there.
+        Call after ``drain`` (lower tiers assert that no write is in flight)."""
+        self.tree.check_integrity()
+        for tier in self.tiers:
+            tier.check_integrity()
+        missing = [k for k in self.tree.keys_in(self.host.name) if self.host.slot_of(k) is None]
+        assert not missing, f"{len(missing)} indexed host blocks have no slot"
