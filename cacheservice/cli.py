@@ -1,0 +1,137 @@
+"""``cacheservice serve`` runs the service; ``cacheservice stats`` prints a running one's stats.
+
+Settings come from defaults < ``--config`` TOML < ``CACHESERVICE_*`` env < flags (config.py).
+SIGTERM/SIGINT stop the listeners first, then drain the write-down queue and close the tiers
+(``CacheService.close`` through the app's cleanup context), so committed blocks reach disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import fields
+
+from aiohttp import web
+
+from cacheservice.config import DEFAULT_PORT, ConfigError, ServiceConfig, load_config
+from cacheservice.errors import CacheServiceError
+
+log = logging.getLogger("cacheservice")
+
+_HELP = {
+    "host": "TCP address to bind (default 127.0.0.1)",
+    "port": f"TCP port (default {DEFAULT_PORT}; 0 = no TCP, unix socket only)",
+    "unix_socket": "also serve on this unix socket path (fastest for same-host engines)",
+    "token": "require 'Authorization: Bearer TOKEN' (better: env CACHESERVICE_TOKEN)",
+    "arena_path": "shared-memory arena file (default /dev/shm/cacheservice-PORT)",
+    "arena_bytes": "arena size, e.g. 1GiB",
+    "slot_bytes": "arena slot size incl. 64-byte header, multiple of 4096 (max block + 64)",
+    "disk_dir": "disk tier directory ('' = no disk tier)",
+    "disk_bytes": "disk tier budget, e.g. 16GiB",
+    "redis_url": "shared Redis tier, e.g. redis://host:6379/0 (default: none)",
+    "redis_bytes": "Redis tier budget",
+    "max_body_bytes": "largest request body accepted (413 above)",
+    "max_keys": "most keys in one request (413 above)",
+    "lease_ms": "acquire/reserve leases expire after this many ms",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cacheservice", description="context-reuse KV cache service")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--config", help="TOML config file (top-level keys or [cacheservice])")
+    for f in fields(ServiceConfig):
+        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=_HELP[f.name])
+    stats = sub.add_parser("stats", help="print a running service's /v1/stats as JSON")
+    stats.add_argument("--url", default=None, help="http://host:port or unix:///path.sock")
+    stats.add_argument("--token", default=os.environ.get("CACHESERVICE_TOKEN"))
+    stats.add_argument("--timeout", type=float, default=5.0)
+    return p
+
+
+def _prepare_unix_socket(path: str) -> None:
+    """Remove a socket file left by a crashed service; refuse if a live one answers on it."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise ConfigError(f"unix socket {path} is in use by a running service: pick another path")
+    finally:
+        probe.close()
+
+
+async def run_service(cfg: ServiceConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT), then shut down cleanly."""
+    from cacheservice.server import create_app  # imports the tiers; keep `stats` light
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(create_app(cfg), handle_signals=False, access_log=None)
+    await runner.setup()  # opens the tiers and rebuilds the index (cleanup_ctx)
+    try:
+        where = []
+        if cfg.port:
+            await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True).start()
+            where.append(f"http://{cfg.host}:{cfg.port}")
+        if cfg.unix_socket:
+            _prepare_unix_socket(cfg.unix_socket)
+            await web.UnixSite(runner, cfg.unix_socket).start()
+            where.append(f"unix://{cfg.unix_socket}")
+        log.info("cacheservice ready on %s (arena %s)", ", ".join(where), cfg.arena_path)
+        await stop.wait()
+        log.info("cacheservice shutting down: draining write-down to lower tiers")
+    finally:
+        await runner.cleanup()
+        if cfg.unix_socket and os.path.exists(cfg.unix_socket):
+            os.unlink(cfg.unix_socket)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("cacheservice stopped")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {f.name: getattr(args, f.name) for f in fields(ServiceConfig)}
+    cfg = load_config(args.config, overrides=flags)
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(run_service(cfg))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from cacheservice.client import CacheClient
+
+    url = args.url or os.environ.get("CACHESERVICE_URL") or f"http://127.0.0.1:{DEFAULT_PORT}"
+    with CacheClient(url, token=args.token, timeout=args.timeout) as client:
+        print(json.dumps(client.stats(), indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _serve(args) if args.command == "serve" else _stats(args)
+    except ConfigError as e:
+        print(f"cacheservice: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (CacheServiceError, OSError) as e:
+        print(f"cacheservice: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,242 @@
+"""The aiohttp application: thin msgpack handlers over ``CacheService`` (PROTOCOL.md).
+
+Handlers validate every field (protocol.Fields) before calling the service, so a bad request
+is a 4xx that changes nothing. Middleware, outermost first: request metrics, error mapping
+(typed errors -> their status, anything else -> 500 with a message; the service stays up),
+then bearer auth when a token is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from cacheservice.auth import auth_middleware
+from cacheservice.config import ServiceConfig
+from cacheservice.errors import CacheServiceError
+from cacheservice.metrics import CONTENT_TYPE as METRICS_TYPE
+from cacheservice.metrics import Metrics
+from cacheservice.protocol import CONTENT_TYPE, Fields, error_body, join_keys, pack
+from cacheservice.service import CacheService
+from tiers.base import Tier
+from tiers.disk import DiskTier
+from tiers.host import HostTier
+
+log = logging.getLogger("cacheservice.server")
+
+CONFIG_KEY = web.AppKey("config", ServiceConfig)
+SERVICE_KEY = web.AppKey("service", CacheService)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+routes = web.RouteTableDef()
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _reply(doc: dict) -> web.Response:
+    return web.Response(body=pack(doc), content_type=CONTENT_TYPE)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.Response(status=status, body=error_body(code, message), content_type=CONTENT_TYPE)
+
+
+async def _fields(request: web.Request) -> Fields:
+    return Fields(await request.read(), request.app[CONFIG_KEY].max_keys)
+
+
+def _svc(request: web.Request) -> CacheService:
+    return request.app[SERVICE_KEY]
+
+
+@routes.post("/v1/namespace")
+async def namespace(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    ns, block_bytes = f.namespace(), f.integer("block_bytes", lo=1)
+    info = _svc(request).register_namespace(ns, block_bytes)
+    return _reply(
+        {"ns": info.ns, "seed": info.seed, "block_bytes": info.block_bytes, "arena": info.arena}
+    )
+
+
+@routes.post("/v1/lookup")
+async def lookup(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    r = await _svc(request).lookup(f.ns(), f.keys())
+    return _reply({"hits": r.hits, "tiers": list(r.tiers)})
+
+
+@routes.post("/v1/acquire")
+async def acquire(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    ns, keys, lease_ms = f.ns(), f.keys(), f.opt_int("lease_ms", lo=1, hi=3_600_000)
+    r = await _svc(request).acquire(ns, keys, lease_ms)
+    doc = {"lease": r.lease, "slots": list(r.slots), "checksums": list(r.checksums)}
+    return _reply(doc | {"lengths": list(r.lengths)})
+
+
+@routes.post("/v1/release")
+async def release(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    return _reply({"released": _svc(request).release(f.string("lease"))})
+
+
+@routes.post("/v1/reserve")
+async def reserve(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    r = await _svc(request).reserve(f.ns(), f.keys(), f.parent())
+    return _reply({"lease": r.lease, "slots": list(r.slots)})
+
+
+@routes.post("/v1/commit")
+async def commit(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    lease, ok = f.string("lease"), f.bool_list("ok")
+    return _reply({"committed": await _svc(request).commit(lease, ok)})
+
+
+@routes.post("/v1/exists")
+async def exists(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    return _reply({"count": await _svc(request).exists(f.ns(), f.keys())})
+
+
+@routes.post("/v1/blocks/put")
+async def put_blocks(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    ns, keys, parent = f.ns(), f.keys(), f.parent()
+    data, flat = f.blob("data"), f.boolean("flat", False)
+    return _reply({"stored": await _svc(request).put_blocks(ns, keys, parent, data, flat)})
+
+
+@routes.post("/v1/blocks/get")
+async def get_blocks(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    ns, keys, prefix = f.ns(), f.keys(), f.boolean("prefix", True)
+    r = await _svc(request).get_blocks(ns, keys, prefix)
+    return _reply({"count": r.count, "data": bytes(r.data), "present": list(r.present)})
+
+
+@routes.post("/v1/chunks/register")
+async def register_chunk(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    ns, chunk, keys = f.ns(), f.key("chunk"), f.keys()
+    num_tokens, start_pos = f.integer("num_tokens", lo=1), f.integer("start_pos")
+    ok = await _svc(request).register_chunk(
+        ns, chunk, num_tokens, start_pos, keys, f.opt_bin("data")
+    )
+    return _reply({"registered": ok})
+
+
+@routes.post("/v1/chunks/lookup")
+async def lookup_chunks(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    entries = _svc(request).lookup_chunks(f.ns(), f.key_list("chunks"))
+    return _reply({"entries": [None if e is None else _chunk_doc(e) for e in entries]})
+
+
+def _chunk_doc(entry) -> dict:
+    doc = {"num_tokens": entry.num_tokens, "start_pos": entry.start_pos}
+    doc["keys"] = join_keys(entry.keys)
+    doc["resident"] = bool(getattr(entry, "resident", True))
+    return doc
+
+
+@routes.get("/v1/stats")
+async def stats(request: web.Request) -> web.Response:
+    return _reply(_svc(request).stats())
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text=json.dumps({"status": "ok"}), content_type="application/json")
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[METRICS_KEY].render(_svc(request).stats())
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_TYPE})
+
+
+def _endpoint(request: web.Request) -> str:
+    # Route templates, not raw paths, so a scanner cannot blow up label cardinality.
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        request.app[METRICS_KEY].observe(_endpoint(request), status, time.perf_counter() - start)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except CacheServiceError as e:
+        return _error(e.status, e.code, str(e))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG_KEY].max_body_bytes
+        return _error(
+            413,
+            "too_large",
+            f"request body of {request.content_length} bytes exceeds max_body_bytes={limit}: "
+            "send fewer blocks per call or raise the service's --max-body-bytes",
+        )
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "bad_request")
+        return _error(e.status, code, f"{e.reason}: {request.method} {request.path}")
+    except Exception as e:
+        log.exception("handler bug on %s %s", request.method, request.path)
+        return _error(
+            500, "internal", f"internal error ({type(e).__name__}: {e}); the service is still up"
+        )
+
+
+def build_tiers(cfg: ServiceConfig) -> tuple[HostTier, list[Tier]]:
+    """The tier stack a config describes, fastest first: host arena, disk, Redis."""
+    host = HostTier(cfg.arena_path, cfg.arena_bytes, cfg.slot_bytes)
+    lower: list[Tier] = []
+    if cfg.disk_dir is not None:
+        lower.append(DiskTier(cfg.disk_dir, cfg.disk_bytes))
+    if cfg.redis_url is not None:
+        from tiers.redis import RedisTier  # imports redis-py only when a Redis tier is set
+
+        lower.append(RedisTier(cfg.redis_url, cfg.redis_bytes))
+    return host, lower
+
+
+async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG_KEY]
+    host, lower = build_tiers(cfg)
+    service = CacheService(host, lower, lease_ms=cfg.lease_ms, max_keys=cfg.max_keys)
+    await service.start()
+    app[SERVICE_KEY] = service
+    try:
+        yield
+    finally:
+        await service.close()
+
+
+def create_app(config: ServiceConfig) -> web.Application:
+    middlewares = [metrics_middleware, error_middleware]
+    if config.token:
+        middlewares.append(auth_middleware(config.token))
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    app[CONFIG_KEY] = config
+    app[METRICS_KEY] = Metrics()
+    app.cleanup_ctx.append(_service_ctx)
+    app.add_routes(routes)
+    return app
