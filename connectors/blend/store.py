@@ -1,0 +1,114 @@
+"""Chunk KV through the cache service: pack a chunk's per-layer K/V into fixed-size blocks,
+register it under its chunk key, and find it again from any prompt that contains it.
+
+Block payload layout (one block = ``block_tokens`` chunk tokens, the last one zero padded):
+``[layer][K, V][token][kv_head][head_dim]`` in the namespace dtype, little-endian. Keys are
+stored rotated at the chunk's canonical start, which the chunk index records; the reader
+re-rotates them to wherever the chunk lands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cacheservice.errors import BadRequest, ServiceUnavailable
+from connectors.blend.chunking import Chunk
+from connectors.blend.recompute import ChunkKV
+from index.hashing import Namespace, chunk_block_keys, chunk_key
+
+if TYPE_CHECKING:  # the client module pulls in the whole service; connectors need only a client
+    from cacheservice.client import CacheClient
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    block_tokens: int
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise BadRequest(f"dtype {self.dtype!r} unsupported: use one of {sorted(_DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def block_bytes(self) -> int:
+        item = torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.num_layers * 2 * self.block_tokens * self.kv_heads * self.head_dim * item
+
+
+def pack(chunk: ChunkKV, layout: KVLayout) -> bytes:
+    n, bt = chunk.tokens.shape[0], layout.block_tokens
+    nb = -(-n // bt)
+    kv = torch.stack([torch.stack((k, v)) for k, v in zip(chunk.keys, chunk.values, strict=True)])
+    if kv.shape[1:] != (2, n, layout.kv_heads, layout.head_dim) or kv.shape[0] != layout.num_layers:
+        raise BadRequest(f"chunk KV shape {tuple(kv.shape)} does not match the layout {layout}")
+    pad = kv.new_zeros((layout.num_layers, 2, nb * bt - n, layout.kv_heads, layout.head_dim))
+    kv = torch.cat((kv, pad), dim=2).to(layout.torch_dtype)
+    blocks = kv.view(layout.num_layers, 2, nb, bt, -1).permute(2, 0, 1, 3, 4).contiguous()
+    return blocks.view(torch.uint8).numpy().tobytes()
+
+
+def unpack(tokens: torch.Tensor, start_pos: int, data: bytes, layout: KVLayout) -> ChunkKV:
+    n, bt = tokens.shape[0], layout.block_tokens
+    nb = -(-n // bt)
+    assert len(data) == nb * layout.block_bytes, "caller checked the block count"
+    raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(layout.torch_dtype)
+    kv = raw.view(nb, layout.num_layers, 2, bt, layout.kv_heads, layout.head_dim)
+    kv = kv.permute(1, 2, 0, 3, 4, 5).reshape(layout.num_layers, 2, nb * bt, *kv.shape[-2:])
+    kv = kv[:, :, :n]
+    return ChunkKV(tokens.clone(), start_pos, list(kv[:, 0].unbind(0)), list(kv[:, 1].unbind(0)))
+
+
+class ChunkStore:
+    """Stores and finds chunk KV for one namespace. Construction registers the namespace and
+    raises ServiceUnavailable when the service is down; afterwards a down or slow service
+    makes ``save`` return False and ``load`` return misses: the caller recomputes."""
+
+    def __init__(self, client: CacheClient, ns: Namespace, layout: KVLayout):
+        if ns.block_tokens != layout.block_tokens:
+            raise BadRequest("namespace and layout disagree on block_tokens: use one value")
+        self.client, self.layout = client, layout
+        info = client.register(ns, layout.block_bytes)
+        self.ns_id, self.seed = info.ns, info.seed
+
+    def key(self, tokens: torch.Tensor) -> bytes:
+        return chunk_key(tokens.tolist(), self.seed)
+
+    def save(self, chunk: ChunkKV) -> bool:
+        toks = chunk.tokens.tolist()
+        keys = chunk_block_keys(toks, self.seed, self.layout.block_tokens)
+        try:
+            return self.client.register_chunk(
+                self.ns_id, self.key(chunk.tokens), len(toks), chunk.start_pos, keys,
+                pack(chunk, self.layout),
+            )  # fmt: skip
+        except ServiceUnavailable:
+            return False
+
+    def load(self, tokens: torch.Tensor, chunks: Sequence[Chunk]) -> dict[bytes, ChunkKV | None]:
+        """Chunk KV for each of ``chunks`` (spans of ``tokens``), None for a miss."""
+        out: dict[bytes, ChunkKV | None] = {c.key: None for c in chunks}
+        try:
+            entries = self.client.lookup_chunks(self.ns_id, [c.key for c in chunks])
+            for c, e in zip(chunks, entries, strict=True):
+                if e is None or e.num_tokens != c.num_tokens:
+                    continue
+                got = self.client.get_blocks(self.ns_id, e.keys, prefix=True)
+                if got.count == len(e.keys):
+                    out[c.key] = unpack(tokens[c.start : c.end], e.start_pos, got.data, self.layout)
+        except ServiceUnavailable:
+            pass
+        return out
