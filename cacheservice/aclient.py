@@ -94,9 +94,9 @@ class AsyncCacheClient:
         return await self._do(Requests.lookup(ns, keys))
 
     async def acquire(
-        self, ns: str, keys: list[bytes], lease_ms: int | None = None
+        self, ns: str, keys: list[bytes], lease_ms: int | None = None, flat: bool = False
     ) -> AcquireResult:
-        return await self._do(Requests.acquire(ns, keys, lease_ms))
+        return await self._do(Requests.acquire(ns, keys, lease_ms, flat))
 
     async def release(self, lease: str) -> int:
         return await self._do(Requests.release(lease))

@@ -73,8 +73,10 @@ class Requests:
         return _post("/v1/lookup", body, lambda d: _build(LookupResult, d))
 
     @staticmethod
-    def acquire(ns: str, keys: list[bytes], lease_ms: int | None = None) -> Call:
-        body = {"ns": ns, "keys": join_keys(keys), "lease_ms": lease_ms}
+    def acquire(
+        ns: str, keys: list[bytes], lease_ms: int | None = None, flat: bool = False
+    ) -> Call:
+        body = {"ns": ns, "keys": join_keys(keys), "lease_ms": lease_ms, "flat": flat}
         return _post("/v1/acquire", body, lambda d: _build(AcquireResult, d))
 
     @staticmethod

@@ -156,8 +156,10 @@ class CacheClient:
     def lookup(self, ns: str, keys: list[bytes]) -> LookupResult:
         return self._do(Requests.lookup(ns, keys))
 
-    def acquire(self, ns: str, keys: list[bytes], lease_ms: int | None = None) -> AcquireResult:
-        return self._do(Requests.acquire(ns, keys, lease_ms))
+    def acquire(
+        self, ns: str, keys: list[bytes], lease_ms: int | None = None, flat: bool = False
+    ) -> AcquireResult:
+        return self._do(Requests.acquire(ns, keys, lease_ms, flat))
 
     def release(self, lease: str) -> int:
         return self._do(Requests.release(lease))

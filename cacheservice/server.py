@@ -73,7 +73,7 @@ async def lookup(request: web.Request) -> web.Response:
 async def acquire(request: web.Request) -> web.Response:
     f = await _fields(request)
     ns, keys, lease_ms = f.ns(), f.keys(), f.opt_int("lease_ms", lo=1, hi=3_600_000)
-    r = await _svc(request).acquire(ns, keys, lease_ms)
+    r = await _svc(request).acquire(ns, keys, lease_ms, f.boolean("flat", False))
     doc = {"lease": r.lease, "slots": list(r.slots), "checksums": list(r.checksums)}
     return _reply(doc | {"lengths": list(r.lengths)})
 

@@ -129,13 +129,27 @@ class CacheService:
         self.counters["misses"] += len(keys) - result.hits
         return result
 
+    async def _present(self, keys: list[bytes]) -> int:
+        """Consecutive keys present from the start in any tier, wherever they sit in the tree.
+        Keys found only in a shared tier get indexed, so that an acquire can pin them."""
+        count = self._run(keys)
+        if count < len(keys) and await self.stack.remote_extend(keys, count) > count:
+            count = self._run(keys)  # counted again: the await may have evicted some
+        return count
+
+    def _run(self, keys: list[bytes]) -> int:
+        return next((i for i, key in enumerate(keys) if key not in self.tree), len(keys))
+
     async def acquire(
-        self, ns: str, keys: list[bytes], lease_ms: int | None = None
+        self, ns: str, keys: list[bytes], lease_ms: int | None = None, flat: bool = False
     ) -> AcquireResult:
+        """Lease the longest hit prefix (``flat``: the longest run of present keys, which need
+        not start at the root) readable from the arena."""
         self.namespaces.get(ns)
         keys = self._keys(keys)
         deadline = self.leases.deadline(lease_ms)
-        hits = (await self._match(keys)).hits
+        hits = await self._present(keys) if flat else (await self._match(keys)).hits
+        # No await between the count above and the pin inside leases.acquire.
         return await self.leases.acquire(keys[:hits], deadline)
 
     def release(self, lease: str) -> int:
@@ -158,17 +172,7 @@ class CacheService:
         """Consecutive keys present from the start, in any tier (flat key-value use)."""
         self.namespaces.get(ns)
         keys = self._keys(keys)
-        count = 0
-        for key in keys:
-            if self.tree.get(key) is None:
-                break
-            count += 1
-        for tier in self.stack.lower:
-            if getattr(tier, "shared", False) and count < len(keys):
-                for found in await tier.contains_many(keys[count:]):
-                    if not found:
-                        break
-                    count += 1
+        count = await self._present(keys)
         self.counters["hits"] += count
         self.counters["misses"] += len(keys) - count
         return count

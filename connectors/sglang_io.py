@@ -101,10 +101,13 @@ class ArenaTransport(HttpTransport):
     """Pages are copied straight between the host pool and arena slots that the service
     reserved (writes) or pinned under a lease (reads).
 
-    ``acquire`` matches keys as a path from the prefix tree's root, but SGLang asks for pages
-    that continue a prefix the engine already holds (and stores each batch as its own chain
-    when it gives no ``prefix_keys``). Whatever the lease does not cover is therefore read
-    with ``/v1/blocks/get``, which looks keys up one by one."""
+    SGLang asks for pages that continue a prefix the engine already holds (and stores each
+    batch as its own chain when it gives no ``prefix_keys``), so reads acquire with
+    ``flat=True``: keys need not form a path from the prefix tree's root. Pages the lease
+    does not cover (a page that failed its checksum or geometry, and every page after it, or
+    one the service could not promote into a full arena) are read with ``/v1/blocks/get``,
+    which re-reads them from a lower tier or answers a miss.
+    ``pages_zero_copy`` / ``pages_http`` count the pages each way filled."""
 
     def __init__(self, client: CacheClient, path: str) -> None:
         super().__init__(client)
@@ -112,6 +115,8 @@ class ArenaTransport(HttpTransport):
         self._lock = threading.Lock()
         self._retired: list[ArenaView] = []
         self._view, self._ident, self._base = self._open()
+        self.pages_zero_copy = 0
+        self.pages_http = 0
 
     def _open(self) -> tuple[ArenaView, tuple[int, int], int]:
         view = ArenaView.open(self.path)
@@ -173,7 +178,7 @@ class ArenaTransport(HttpTransport):
 
     def read(self, ns: str, keys: list[bytes], pages: list[Page]) -> int:
         view, base, _ = self._current()
-        acq = self.client.acquire(ns, keys)
+        acq = self.client.acquire(ns, keys, flat=True)
         done = 0
         try:
             for slot, csum, length, page in zip(
@@ -189,9 +194,12 @@ class ArenaTransport(HttpTransport):
         finally:
             with contextlib.suppress(CacheServiceError):  # else the lease expires on its own
                 self.client.release(acq.lease)
+        self.pages_zero_copy += done
         if done == len(keys):
             return done
-        return done + super().read(ns, keys[done:], pages[done:])
+        more = super().read(ns, keys[done:], pages[done:])
+        self.pages_http += more
+        return done + more
 
     def close(self) -> None:
         with self._lock:

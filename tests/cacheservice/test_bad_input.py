@@ -68,6 +68,7 @@ def pk(doc: object) -> bytes:
         ("/v1/lookup", pk({"ns": "0" * 16, "keys": bytes(17)}), 400, "not a multiple of 16"),
         ("/v1/acquire", pk({"ns": "0" * 16, "keys": b"", "lease_ms": -5}), 400, ">= 1"),
         ("/v1/acquire", pk({"ns": "0" * 16, "keys": b"", "lease_ms": True}), 400, "integer"),
+        ("/v1/acquire", pk({"ns": "0" * 16, "keys": b"", "flat": 1}), 400, "boolean"),
         ("/v1/reserve", pk({"ns": "0" * 16, "keys": b"", "parent": bytes(3)}), 400, "16-byte"),
         ("/v1/commit", pk({"lease": "x", "ok": [1, 0]}), 400, "only booleans"),
         ("/v1/namespace", pk({"namespace": {"model": "m"}, "block_bytes": 64}), 400, "dtype"),

@@ -51,6 +51,23 @@ async def checked(svc: CacheService) -> None:
     svc.check_integrity()
 
 
+async def make_disk_only(svc: CacheService, n: int = 4) -> tuple[list[bytes], bytes]:
+    """n stored blocks that n newer ones pushed out of an n-slot host: only disk holds them."""
+    keys, data = make_keys(n), make_data(n)
+    await svc.put_blocks(NS.id, keys, ROOT_KEY, data)
+    await svc.drain()
+    await svc.put_blocks(NS.id, make_keys(n, start=5000), ROOT_KEY, make_data(n, 1))
+    await svc.drain()
+    assert (await svc.lookup(NS.id, keys)).tiers == ["disk"] * n
+    return keys, data
+
+
+def corrupt_on_disk(svc: CacheService, key: bytes) -> None:
+    with open(svc.stack.lower[0]._file(key), "r+b") as f:
+        f.seek(HEADER_BYTES)
+        f.write(b"\x00" * 8 if f.read(8) != b"\x00" * 8 else b"\x01" * 8)
+
+
 async def test_register_validates(tmp_path):
     svc = await make_service(tmp_path)
     info = svc.register_namespace(NS, BB)
@@ -139,15 +156,18 @@ async def test_lease_expiry_releases_and_aborts(tmp_path):
     keys = make_keys(2)
     await svc.put_blocks(NS.id, keys, ROOT_KEY, make_data(2))
     a = await svc.acquire(NS.id, keys, lease_ms=50)
+    tail = await svc.acquire(NS.id, keys[1:], lease_ms=50, flat=True)
+    assert [svc.tree.get(k).pins for k in keys] == [1, 2]
     free = svc.host.free_slots
     r = await svc.reserve(NS.id, make_keys(2, start=40), ROOT_KEY)
     assert svc.host.free_slots == free - 2
     assert svc.expire_leases() == 0
     import time
 
-    assert svc.expire_leases(time.monotonic() + 61) == 2
+    assert svc.expire_leases(time.monotonic() + 61) == 3
     assert svc.host.free_slots == free and all(svc.tree.get(k).pins == 0 for k in keys)
     assert await svc.commit(r.lease) == 0 and svc.release(a.lease) == 0
+    assert svc.release(tail.lease) == 0
     assert svc.stats()["leases"] == 0
     await checked(svc)
     await svc.close()
@@ -252,22 +272,15 @@ async def test_chunks_register_and_lookup(tmp_path):
     await svc.close()
 
 
-async def test_corrupt_disk_block_shortens_acquire(tmp_path):
+@pytest.mark.parametrize(("start", "flat"), [(0, False), (0, True), (1, True)])
+async def test_corrupt_disk_block_shortens_acquire(tmp_path, start, flat):
     svc = await make_service(tmp_path, host_slots=4)
     svc.register_namespace(NS, BB)
-    keys = make_keys(4)
-    await svc.put_blocks(NS.id, keys, ROOT_KEY, make_data(4))
-    await svc.drain()
-    other = make_keys(4, start=5000)
-    await svc.put_blocks(NS.id, other, ROOT_KEY, make_data(4, 1))  # pushes keys out of host
-    await svc.drain()
-    assert (await svc.lookup(NS.id, keys)).tiers == ["disk"] * 4
-    path = svc.stack.lower[0]._file(keys[2])
-    with open(path, "r+b") as f:
-        f.seek(HEADER_BYTES)
-        f.write(b"\x00" * 8 if f.read(8) != b"\x00" * 8 else b"\x01" * 8)
-    a = await svc.acquire(NS.id, keys)
-    assert len(a.slots) == 2 and svc.stats()["corrupt"] == 1
+    keys, _ = await make_disk_only(svc)
+    corrupt_on_disk(svc, keys[2])
+    a = await svc.acquire(NS.id, keys[start:], flat=flat)
+    assert len(a.slots) == 2 - start and svc.stats()["corrupt"] == 1
+    assert svc.tree.get(keys[2]) is None and svc.tree.get(keys[1]).pins == 1
     svc.release(a.lease)
     assert (await svc.lookup(NS.id, keys)).hits == 2
     await checked(svc)
