@@ -1,0 +1,217 @@
+"""Worker half of the vLLM connector: copies whole KV blocks between the engine's paged KV
+cache and the service's shared-memory arena.
+
+A block's payload in the arena is the concatenation of that block's bytes in every attention
+layer, in the layer order of the KV cache group, each layer's block copied as opaque bytes
+(the CPU backend's transposed key tiles included). Loads run on a background thread and are
+reported through ``get_finished``; a block whose checksum does not match, that the service
+could not produce, or that arrives while the service is failing is reported as a load error so
+vLLM recomputes it. Saves copy into reserved slots right after the forward, before vLLM can
+reuse the blocks, and commit them; the service skips blocks it already holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import xxhash
+
+from cacheservice.client import CacheClient
+from cacheservice.errors import BadRequest, CacheServiceError, ServiceUnavailable, UnknownNamespace
+from connectors.vllm_scheduler import (
+    CacheLayout,
+    CacheServiceMeta,
+    Gate,
+    LoadSpec,
+    SaveSpec,
+    Settings,
+)
+from tiers.host import ArenaView
+
+log = logging.getLogger("cacheservice.connectors.vllm")
+
+
+class _Arena:
+    """The service's arena mapped in this process; remapped when the service recreated it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.view = ArenaView.open(path)
+        self.inode = os.stat(path).st_ino
+
+    def current(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except OSError:
+            return False
+
+
+class WorkerSide:
+    def __init__(self, settings: Settings, layout: CacheLayout, tp_rank: int, num_blocks: int):
+        self.layout, self.rank, self.num_blocks = layout, tp_rank, num_blocks
+        self.ns = layout.namespaces[tp_rank]
+        self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
+        self.gate = Gate(settings.retry_s)
+        self._layers: list[tuple[torch.Tensor, int]] = []  # (kv tensor, its block dimension)
+        self._arena: _Arena | None = None
+        self._arena_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-load")
+        self._loading: dict[str, tuple[LoadSpec, Future]] = {}
+        self._load_errors: set[int] = set()
+        self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
+        self.stats |= {"load_s": 0.0, "acquire_s": 0.0, "save_s": 0.0}
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        missing = [name for name in self.layout.layers if name not in kv_caches]
+        assert not missing, f"KV caches missing for layers {missing}"
+        for name in self.layout.layers:
+            t = kv_caches[name]
+            dims = [d for d, n in enumerate(t.shape) if n == self.num_blocks]
+            assert dims, f"layer {name} {tuple(t.shape)} has no dimension of {self.num_blocks}"
+            block = t.select(dims[0], 0)
+            nbytes = block.numel() * block.element_size()
+            if nbytes != self.layout.layer_bytes:
+                raise BadRequest(
+                    f"layer {name} holds {nbytes} bytes per block, the KV spec says "
+                    f"{self.layout.layer_bytes}: this KV cache layout is not supported"
+                )
+            self._layers.append((t, dims[0]))
+
+    # -- the data plane -------------------------------------------------------------------
+
+    def _arena_view(self) -> ArenaView:
+        with self._arena_lock:
+            if self._arena is None or not self._arena.current():
+                info = self.client.register(self.ns, self.layout.block_bytes)
+                self._arena = _Arena(info.arena["path"])
+            return self._arena.view
+
+    def _copy_in(self, block_id: int, payload: memoryview) -> None:
+        src = torch.frombuffer(payload, dtype=torch.uint8)
+        off, n = 0, self.layout.layer_bytes
+        for t, dim in self._layers:
+            dst = t.select(dim, block_id)
+            dst.copy_(src[off : off + n].view(t.dtype).view(dst.shape))
+            off += n
+
+    def _copy_out(self, block_id: int, payload: memoryview) -> None:
+        dst = torch.frombuffer(payload, dtype=torch.uint8)
+        off, n = 0, self.layout.layer_bytes
+        for t, dim in self._layers:
+            src = t.select(dim, block_id)
+            dst[off : off + n].view(t.dtype).view(src.shape).copy_(src)
+            off += n
+
+    def _call(self, fn, *args):
+        """A service call that may be retried once after the service forgot the namespace."""
+        try:
+            return fn(*args)
+        except UnknownNamespace:
+            with self._arena_lock:
+                self._arena = None
+            self._arena_view()
+            return fn(*args)
+
+    # -- loads ----------------------------------------------------------------------------
+
+    def _load(self, spec: LoadSpec) -> int:
+        """Fill ``spec.block_ids`` from the service; returns how many leading blocks loaded."""
+        if not self.gate.open:
+            return 0
+        keys = list(spec.keys[self.rank])
+        try:
+            arena = self._arena_view()
+            start = time.perf_counter()
+            acq = self._call(self.client.acquire, self.ns.id, keys)
+            self.stats["acquire_s"] += time.perf_counter() - start
+        except ServiceUnavailable as e:
+            self.gate.failed(e)
+            return 0
+        except CacheServiceError as e:
+            log.error("cacheservice refused a load, recomputing: %s", e)
+            return 0
+        done = 0
+        try:
+            for slot, csum, length in zip(acq.slots, acq.checksums, acq.lengths, strict=False):
+                if done == len(keys) or length != self.layout.block_bytes:
+                    break
+                payload = arena.payload(slot, length)
+                if xxhash.xxh3_64_intdigest(payload) != csum:
+                    log.warning("block %s failed its checksum, recomputing", keys[done].hex())
+                    break
+                self._copy_in(spec.block_ids[done], payload)
+                done += 1
+        finally:
+            try:
+                self.client.release(acq.lease)
+            except CacheServiceError as e:  # the lease expires on its own
+                log.info("release failed: %s", e)
+        return done
+
+    def _timed_load(self, spec: LoadSpec) -> int:
+        start = time.perf_counter()
+        try:
+            return self._load(spec)
+        finally:
+            self.stats["load_s"] += time.perf_counter() - start
+
+    def start_load_kv(self, meta: CacheServiceMeta) -> None:
+        for spec in meta.loads:
+            self._loading[spec.req_id] = (spec, self._pool.submit(self._timed_load, spec))
+
+    def get_finished(self) -> set[str] | None:
+        finished: set[str] = set()
+        for req_id, (spec, fut) in list(self._loading.items()):
+            if not fut.done():
+                continue
+            del self._loading[req_id]
+            try:
+                done = fut.result()
+            except Exception:  # a bug must not take the engine down: recompute instead
+                log.exception("load of %s failed", req_id)
+                done = 0
+            failed = spec.block_ids[done:]
+            self._load_errors.update(failed)
+            self.stats["loaded_blocks"] += done
+            self.stats["failed_blocks"] += len(failed)
+            finished.add(req_id)
+        return finished or None
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- saves ----------------------------------------------------------------------------
+
+    def _save(self, spec: SaveSpec) -> int:
+        keys = list(spec.keys[self.rank])
+        arena = self._arena_view()
+        res = self._call(self.client.reserve, self.ns.id, keys, spec.parents[self.rank])
+        ok = []
+        for slot, block_id in zip(res.slots, spec.block_ids, strict=False):
+            if slot is not None:
+                self._copy_out(block_id, arena.payload(slot, self.layout.block_bytes))
+            ok.append(slot is not None)
+        return self.client.commit(res.lease, ok) if any(ok) else 0
+
+    def wait_for_save(self, meta: CacheServiceMeta) -> None:
+        start = time.perf_counter()
+        for spec in meta.saves:
+            if not self.gate.open:
+                break
+            try:
+                self.stats["saved_blocks"] += self._save(spec)
+            except ServiceUnavailable as e:
+                self.gate.failed(e)
+            except Exception as e:  # a refused save, or a bug here, only loses a future hit
+                log.error("cacheservice save skipped: %r", e)
+        self.stats["save_s"] += time.perf_counter() - start
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.client.close()

@@ -1,0 +1,78 @@
+"""Real parts for the vLLM connector tests: a tiny random Llama built on disk, a cacheservice
+subprocess sized for its blocks, and a helper that runs an engine in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cacheservice.conftest import ServiceProcess, free_port, start_service
+from tests.connectors.vllm.tiny_model import TinyLlama, make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[3]
+BLOCK_TOKENS = 32
+# The tiny model's block: 2 layers x (2 kv heads x 32 tokens x 2*32 floats) = 32 KiB.
+SLOT_BYTES = 36864
+
+__all__ = ["ServiceProcess", "free_port", "run_engine", "start_engine", "wait_engine"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyLlama:
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def start_llm_service(workdir: Path) -> ServiceProcess:
+    extra = ["--arena-bytes", "8MiB", "--slot-bytes", str(SLOT_BYTES), "--disk-bytes", "64MiB"]
+    return start_service(workdir, extra=extra)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[ServiceProcess]:
+    svc = start_llm_service(tmp_path / "service")
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def make_llm_service(tmp_path: Path) -> Iterator[Callable[[str], ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def make(name: str) -> ServiceProcess:
+        started.append(start_llm_service(tmp_path / name))
+        return started[-1]
+
+    yield make
+    for svc in started:
+        svc.stop()
+
+
+def start_engine(spec: dict, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.connectors.vllm.engine_run", json.dumps(spec)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_engine(proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> dict:
+    proc.wait(timeout=timeout)
+    text = log.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"engine failed ({proc.returncode}):\n{text[-6000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_engine(spec: dict, log: Path, timeout: float = 240.0) -> dict:
+    """Run ``engine_run`` with ``spec`` in a fresh process; returns its result dict."""
+    return wait_engine(start_engine(spec, log), log, timeout)

@@ -1,0 +1,97 @@
+"""Run one vLLM engine on CPU in this process and print its results as one JSON line.
+
+Tests start it as a subprocess (vLLM state does not reset in-process)::
+
+    python -m tests.connectors.vllm.engine_run '{"model": ..., "prompts": [[...], ...]}'
+
+Spec keys: model, prompts (token id lists, generated one after another), max_tokens,
+url (absent: no connector), extra (kv_connector_extra_config), prefix_caching,
+block_size, kv_cache_bytes, max_model_len; before / after: {"i": path} to wait for a file
+before prompt i / create it after prompt i (to interleave two engines).
+Output line: ``RESULT {"outputs": [{"tokens", "cached", "total_s"}], "worker": {stats}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def make_llm(spec: dict):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kv = None
+    if spec.get("url"):
+        extra = {"url": spec["url"], **spec.get("extra", {})}
+        kv = KVTransferConfig(
+            kv_connector="CacheServiceConnector",
+            kv_connector_module_path="connectors.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+    return LLM(
+        spec["model"],
+        dtype=spec.get("dtype", "float32"),
+        block_size=spec.get("block_size", 32),
+        kv_cache_memory_bytes=spec.get("kv_cache_bytes", 64 << 20),
+        max_model_len=spec.get("max_model_len", 1024),
+        enable_prefix_caching=spec.get("prefix_caching", False),
+        enforce_eager=True,
+        kv_transfer_config=kv,
+        seed=0,
+    )
+
+
+def worker_stats() -> dict:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return {}
+    worker = getattr(get_kv_transfer_group(), "_worker", None)
+    if worker is None:
+        return {}
+    return {
+        **worker.stats,
+        "namespace": worker.ns.to_dict(),
+        "block_bytes": worker.layout.block_bytes,
+    }
+
+
+def wait_for(path: str | None, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while path and not os.path.exists(path):
+        assert time.monotonic() < deadline, f"gave up waiting for {path}"
+        time.sleep(0.05)
+
+
+def run(spec: dict) -> dict:
+    from vllm import SamplingParams
+
+    llm = make_llm(spec)
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0, ignore_eos=True)
+    outputs = []
+    for i, prompt in enumerate(spec["prompts"]):
+        wait_for(spec.get("before", {}).get(str(i)))
+        start = time.perf_counter()
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        total = time.perf_counter() - start
+        outputs.append(
+            {
+                "tokens": list(out.outputs[0].token_ids),
+                "cached": out.num_cached_tokens or 0,
+                "total_s": total,
+            }
+        )
+        if str(i) in spec.get("after", {}):
+            open(spec["after"][str(i)], "w").close()
+    return {"outputs": outputs, "worker": worker_stats()}
+
+
+if __name__ == "__main__":
+    result = run(json.loads(sys.argv[1]))
+    print("RESULT " + json.dumps(result), flush=True)
