@@ -21,6 +21,7 @@ import tempfile
 from benchmarks.tier_duel import Row, report
 from benchmarks.tiers_local import bench_disk, bench_host
 from benchmarks.tiers_redis import bench_redis
+from cacheservice.memory import tune_allocator
 
 
 async def main() -> int:
@@ -34,6 +35,7 @@ async def main() -> int:
     ap.add_argument("--dir", default=None, help="directory for disk/redis files (default: tmp)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["host", "disk", "redis"])
     args = ap.parse_args()
+    tune_allocator()  # as the service does; raw baselines allocate through the same malloc
     size = int(args.block_mib * (1 << 20))
     root = tempfile.mkdtemp(prefix="bench-tiers-", dir=args.dir)
     rows: list[Row] = []

@@ -1,5 +1,5 @@
 """Tiers on this host: HostTier vs np.copyto, DiskTier vs plain open/write/read/close of the same
-sizes in the same directory (page cache warm for both; neither fsyncs)."""
+sizes in the same directory (page cache warm for both unless a row says cold; neither fsyncs)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,43 @@ async def bench_disk(n: int, size: int, reps: int, batch: int, root: str) -> lis
                 f.write(data)
         return time.perf_counter() - t
 
+    def drop_cache(paths: list[str]) -> None:
+        os.sync()  # dirty pages cannot be dropped
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    def raw_cold() -> float:
+        drop_cache(raw_paths)
+        return raw_read(1)
+
+    async def tier_cold() -> float:
+        drop_cache([disk._file(k) for k in keys])
+        return await tier_read(1)
+
+    slot = -(-(size + HEADER_BYTES) // 4096) * 4096
+    arena = os.path.join(
+        "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+        f"bench-promote-{os.getpid()}",
+    )
+    host = HostTier(arena, n * slot, slot)
+    slots = [host.payload_view(host.alloc(), size) for _ in range(n)]
+
+    def raw_into() -> float:
+        t = time.perf_counter()
+        for p, out in zip(raw_paths, slots, strict=True):
+            with open(p, "rb") as f:
+                f.seek(HEADER_BYTES)
+                f.readinto(out)
+        return time.perf_counter() - t
+
+    async def tier_into() -> float:
+        t = time.perf_counter()
+        for key, out in zip(keys, slots, strict=True):
+            assert await disk.get_into(key, out) is not None, "disk tier lost a block"
+        return time.perf_counter() - t
+
     def raw_read(hold: int) -> float:
         # like the tier, keep ``hold`` freshly read buffers alive at once (a get_many batch)
         t = time.perf_counter()
@@ -120,6 +157,12 @@ async def bench_disk(n: int, size: int, reps: int, batch: int, root: str) -> lis
     w, wb = await duel(reps, tier_write, raw_write, nbytes)
     r1, rb1 = await duel(reps, lambda: tier_read(1), lambda: raw_read(1), nbytes)
     r, rb = await duel(reps, lambda: tier_read(batch), lambda: raw_read(batch), nbytes)
+    c, cb = await duel(reps, tier_cold, raw_cold, nbytes)
+    try:
+        p, pb = await duel(reps, tier_into, raw_into, n * size)
+    finally:
+        slots.clear()  # release the views into the arena before closing it
+        await host.close()
     disk.check_integrity()
     return [
         Row("disk", f"write (put_many x{batch})", w, "open/write/close", wb, 0.8),
@@ -132,4 +175,6 @@ async def bench_disk(n: int, size: int, reps: int, batch: int, root: str) -> lis
             rb,
             0.8,
         ),
+        Row("disk", "cold read (get, verified)", c, "open/read/close, page cache dropped", cb, 0.8),
+        Row("disk", "promote (get_into host slot)", p, "open/readinto host slot", pb, 0.8),
     ]

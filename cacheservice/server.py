@@ -18,6 +18,7 @@ from aiohttp import web
 from cacheservice.auth import auth_middleware
 from cacheservice.config import ServiceConfig
 from cacheservice.errors import CacheServiceError
+from cacheservice.memory import tune_allocator
 from cacheservice.metrics import CONTENT_TYPE as METRICS_TYPE
 from cacheservice.metrics import Metrics
 from cacheservice.protocol import CONTENT_TYPE, Fields, error_body, join_keys, pack
@@ -231,6 +232,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: ServiceConfig) -> web.Application:
+    tune_allocator()  # before any block-sized buffer exists
     middlewares = [metrics_middleware, error_middleware]
     if config.token:
         middlewares.append(auth_middleware(config.token))

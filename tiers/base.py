@@ -140,6 +140,19 @@ class Tier(ABC):
     def scan(self) -> AsyncIterator[BlockMeta]:
         """Every block's header, for rebuilding the index after a restart."""
 
+    async def get_into(self, key: bytes, out: memoryview) -> BlockMeta | None:
+        """Read the payload of ``key`` into ``out[:meta.length]`` and return its verified meta.
+
+        None, like ``get``, for a missing, short or corrupt block (deleted as in ``get``) and
+        also for a block longer than ``out`` (left alone; read it with ``get``). On None the
+        bytes of ``out`` are unspecified: the caller must not publish them. Tiers that can
+        read straight into ``out`` override this copying default."""
+        block = await self.get(key)
+        if block is None or block.meta.length > len(out):
+            return None
+        out[: block.meta.length] = memoryview(block.payload).cast("B")
+        return block.meta
+
     async def put_many(self, items: Sequence[tuple[BlockMeta, bytes | memoryview]]) -> list[bool]:
         return [await self.put(meta, payload) for meta, payload in items]
 

@@ -29,6 +29,17 @@ ARENA_HEADER_BYTES = 4096
 DEFAULT_ARENA_PATH = "/dev/shm/cacheservice-arena"
 _ARENA = struct.Struct("<4sH2xQQQ")
 _NO_HEADER = bytes(HEADER_BYTES)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+
+
+def _prefault(mm: mmap.mmap) -> None:
+    """Back every page of a fresh arena now. The first write into a shared-memory page costs a
+    fault plus zeroing (measured ~28 ms per 46 MB here, hundreds of ms under load), which would
+    otherwise land on the first stores a serving engine waits for; 1 GiB takes ~0.6 s once."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError, AttributeError):  # older kernel or platform: touch each page
+        np.frombuffer(mm, dtype=np.uint8)[:: mmap.PAGESIZE] = 0
 
 
 def _close_map(mm: mmap.mmap) -> None:
@@ -75,6 +86,7 @@ class HostTier(Tier):
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
+        _prefault(self._map)  # before the header: the arena holds nothing a zero could clobber
         self._map[:ARENA_HEADER_BYTES] = _ARENA.pack(
             ARENA_MAGIC, ARENA_VERSION, slot_bytes, self.num_slots, self.data_offset
         ).ljust(ARENA_HEADER_BYTES, b"\0")

@@ -34,6 +34,7 @@ _BIG_VALUE = 64 << 10
 # Bytes per pipelined round trip. Pipelining many multi-MiB values makes both sides buffer
 # them whole (fresh memory, page faults) and is slower than a few round trips.
 _ROUND_TRIP_BYTES = 4 << 20
+_STREAM_LIMIT = 2 << 20
 _FAILURES = (RedisError, OSError)
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -42,6 +43,13 @@ class _StreamingParser(_AsyncRESP2Parser):
     """RESP2 parser that reads a large bulk string straight into one buffer, in socket-sized
     pieces, instead of redis-py's readexactly + concatenate + slice (three extra full-size
     copies). Returns a memoryview over that buffer; small replies keep the stock path."""
+
+    def on_connect(self, connection) -> None:
+        super().on_connect(connection)
+        # asyncio's default 64 KiB stream limit pauses the socket whenever 128 KiB wait unread,
+        # i.e. after every 256 KiB recv of a large value: a pause/resume (two epoll_ctl calls
+        # and a stalled sender) per piece. Let a round trip's worth stay buffered instead.
+        self._stream._limit = max(self._stream._limit, _STREAM_LIMIT)
 
     async def _read(self, length: int) -> bytes | memoryview:
         want = length + 2  # the value and its CRLF

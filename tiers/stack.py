@@ -236,6 +236,12 @@ class TierStack:
                 return None
             if tier.name not in node.tiers:
                 continue
+            if index and promote:
+                promoted = await self._promote_from(tier, key)
+                if promoted is not None:
+                    return promoted
+                if (node := self.tree.get(key)) is None or tier.name not in node.tiers:
+                    continue
             block = await tier.get(key)
             if block is None:
                 self._failed_read(key, tier)
@@ -264,6 +270,29 @@ class TierStack:
         if self.tree.get(key) is None:  # dropped while we waited: do not leak the slot
             await self.host.delete(key)
             return None
+        self.tree.add_tier(key, self.host.name)
+        self.counters.promotions += 1
+        return await self.host.get(key)
+
+    async def _promote_from(self, tier: Tier, key: bytes) -> Block | None:
+        """Read ``key`` from ``tier`` straight into a free host slot and publish it there (one
+        copy less than get + put). None when no slot frees up or the read missed; the caller
+        then falls back to ``get``, which turns a real miss into a dropped copy."""
+        if self.host.free_slots == 0:
+            await self.make_room(0, 1)
+        slot = self.host.alloc()
+        if slot is None:
+            return None
+        meta = None
+        try:
+            meta = await tier.get_into(key, self.host.payload_view(slot))
+        finally:
+            if meta is None or self.tree.get(key) is None:  # failed, or dropped meanwhile
+                self.host.free(slot)
+        if meta is None or self.tree.get(key) is None:
+            return None
+        assert meta.key == key, "get_into returned another block's meta"
+        self.host.publish(slot, meta)
         self.tree.add_tier(key, self.host.name)
         self.counters.promotions += 1
         return await self.host.get(key)
