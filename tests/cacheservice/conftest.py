@@ -9,12 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,114 +17,17 @@ import pytest
 
 from cacheservice.client import CacheClient
 from index.hashing import Namespace, prefix_keys
+from tests.processes import (  # noqa: F401  (re-exported for other test packages)
+    REPO,
+    SLOT_BYTES,
+    ServiceProcess,
+    free_port,
+    start_service,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 BLOCK_TOKENS = 16
 BLOCK_BYTES = 1024
-SLOT_BYTES = 4096  # 64-byte header + up to 4032 payload bytes
 _names = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServiceProcess:
-    """A running service. ``url`` prefers the unix socket when one is configured."""
-
-    workdir: Path
-    args: list[str]
-    port: int
-    token: str | None = None
-    unix_socket: str | None = None
-    proc: subprocess.Popen | None = None
-    log: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log = self.workdir / "service.log"
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.unix_socket}" if self.unix_socket else self.http_url
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def arena_path(self) -> str:
-        return str(self.workdir / "arena")
-
-    def client(self, **kwargs) -> CacheClient:
-        kwargs.setdefault("token", self.token)
-        return CacheClient(self.url, **kwargs)
-
-    def start(self, timeout: float = 30.0) -> ServiceProcess:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        env = {k: v for k, v in env.items() if not k.startswith("CACHESERVICE_")}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cacheservice", "serve", *self.args],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        with self.client(timeout=1.0, connect_timeout=0.2) as probe:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"service exited {self.proc.returncode}:\n{self.output()}")
-                if probe.health():
-                    return self
-                time.sleep(0.05)
-        self.stop(signal.SIGKILL)
-        raise RuntimeError(f"service did not become healthy:\n{self.output()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal the service and wait; returns its exit code."""
-        assert self.proc is not None, "service was never started"
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-    def restart(self) -> ServiceProcess:
-        assert self.stop() == 0, f"service did not exit cleanly:\n{self.output()}"
-        return self.start()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_service(
-    workdir: Path,
-    *,
-    token: str | None = None,
-    unix_socket: bool = False,
-    extra: list[str] | None = None,
-) -> ServiceProcess:
-    """Start ``python -m cacheservice serve`` with tiny tiers under ``workdir``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    args = ["--port", str(port), "--arena-path", str(workdir / "arena")]
-    args += ["--arena-bytes", "1MiB", "--slot-bytes", str(SLOT_BYTES)]
-    args += ["--disk-dir", str(workdir / "disk"), "--disk-bytes", "16MiB", "--log-level", "info"]
-    sock = None
-    if unix_socket:
-        sock = str(workdir / "cs.sock")
-        args += ["--unix-socket", sock]
-    if token:
-        args += ["--token", token]
-    svc = ServiceProcess(workdir, args + (extra or []), port, token, sock)
-    return svc.start()
 
 
 @pytest.fixture(scope="module")

@@ -2,62 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from index.hashing import ROOT_KEY
+from tests.processes import RedisProcess, start_redis  # noqa: F401  (re-exported)
 from tiers.base import Block, BlockMeta
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RedisProcess:
-    url: str
-    port: int
-    proc: subprocess.Popen
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def start_redis(workdir: Path) -> RedisProcess:
-    """Start a throwaway redis-server (no persistence) and wait until it accepts connections."""
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    args += ["--appendonly", "no", "--dir", str(workdir), "--protected-mode", "no"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return RedisProcess(f"redis://127.0.0.1:{port}/0", port, proc)
-        except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError(f"redis-server did not start on port {port}")
 
 
 @pytest.fixture
