@@ -1,0 +1,170 @@
+"""Worker half of the blend connector: chunk KV between vLLM's paged cache and the service.
+
+Saves read a computed chunk's per-token K/V out of the paged cache right after the forward
+(before vLLM can reuse the blocks) and register it under its chunk key. A load fetches the
+held chunks on a background thread; once they are in, the engine's thread (in
+``get_finished``) re-rotates and selectively recomputes the claimed prefix with the
+checkpoint's own weights (blend_prefill over HFLlama) and writes every claimed token's K/V
+into the request's blocks before vLLM schedules the request's remaining tokens. A load that
+fails for any reason reports all its blocks as load errors: vLLM recomputes them, so a
+failure costs time, never correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from cacheservice.client import CacheClient
+from cacheservice.errors import ServiceUnavailable
+from connectors import vllm_kv_layout as kvl
+from connectors.blend.recompute import ChunkKV, Segment, blend_prefill
+from connectors.blend.store import ChunkStore, KVLayout
+from connectors.vllm_blend_scheduler import (
+    BlendLoad,
+    BlendMeta,
+    BlendSettings,
+    BlendShape,
+    make_policy,
+)
+from connectors.vllm_scheduler import Gate
+
+log = logging.getLogger("cacheservice.connectors.vllm_blend")
+
+
+def blend_segments(load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> list[Segment]:
+    """Fresh and cached segments of ``load.tokens``; a chunk cut by the claim boundary keeps its
+    cached head, a chunk that missed is computed, and the token after the claim is fresh."""
+    t = torch.tensor(load.tokens[: load.num_tokens + 1], dtype=torch.int64)
+    out: list[Segment] = []
+    at = 0
+    for c in load.chunks:
+        kv = cached.get(c.key)
+        end = min(c.end, load.num_tokens)
+        if kv is None or c.start < at:
+            continue
+        n = end - c.start
+        if c.start > at:
+            out.append(Segment(t[at : c.start]))
+        head = ChunkKV(kv.tokens[:n], kv.start_pos, [k[:n] for k in kv.keys],
+                       [v[:n] for v in kv.values])  # fmt: skip
+        out.append(Segment(t[c.start : end], head))
+        at = end
+    out.append(Segment(t[at:]))
+    return out
+
+
+class BlendWorker:
+    def __init__(self, settings: BlendSettings, shape: BlendShape, cache_dtype: str):
+        self.s, self.shape, self.cache_dtype = settings, shape, cache_dtype
+        self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
+        self.gate = Gate(settings.retry_s)
+        geo = (len(shape.layers), shape.num_kv_heads, shape.head_size, shape.block_tokens)
+        self.kv_layout = KVLayout(*geo, shape.dtype)
+        self._store: ChunkStore | None = None
+        self._model = None
+        self._layers: list[torch.Tensor] = []
+        self._paged: kvl.PagedLayout | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-blend")
+        self._loading: dict[str, tuple[BlendLoad, Future]] = {}
+        self._load_errors: set[int] = set()
+        self.stats = {"saved_chunks": 0, "blended_requests": 0, "failed_requests": 0}
+        self.stats |= {"chunk_hits": 0, "chunk_misses": 0, "recompute_fraction": 0.0}
+        self.stats |= {"fetch_s": 0.0, "blend_s": 0.0}  # blend_s includes fetch_s
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._layers = [kv_caches[name] for name in self.shape.layers]
+        first = self._layers[0]
+        isa = kvl.cpu_isa(first.dtype, self.shape.block_tokens, self.shape.head_size,
+                          self.cache_dtype)  # fmt: skip
+        self._paged = kvl.probe(self.shape.num_kv_heads, self.shape.block_tokens,
+                                self.shape.head_size, first.dtype, isa)  # fmt: skip
+        for t in self._layers:
+            self._paged.check(t)
+
+    def _chunk_store(self) -> ChunkStore:
+        if self._store is None:
+            self._store = ChunkStore(self.client, self.shape.ns, self.kv_layout)
+        return self._store
+
+    # -- saves ----------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: BlendMeta) -> None:
+        for save in meta.saves:
+            if not self.gate.open:
+                return
+            try:
+                c = save.chunk
+                blocks = torch.tensor(save.block_ids, dtype=torch.int64)
+                pos = torch.arange(c.start, c.end, dtype=torch.int64)
+                kv = [kvl.read(t, self._paged, blocks, pos) for t in self._layers]
+                tokens = torch.tensor(save.tokens, dtype=torch.int64)
+                chunk = ChunkKV(tokens, c.start, [x.k for x in kv], [x.v for x in kv])
+                self.stats["saved_chunks"] += int(self._chunk_store().save(chunk))
+            except ServiceUnavailable as e:
+                self.gate.failed(e)
+            except Exception as e:  # a refused save, or a bug here, only loses a future hit
+                log.error("chunk save skipped: %r", e)
+
+    # -- loads ----------------------------------------------------------------------------
+
+    def _fetch(self, load: BlendLoad) -> dict[bytes, ChunkKV | None]:
+        """On the load thread: the held chunks' KV (slow tiers and the network live here)."""
+        start = time.perf_counter()
+        tokens = torch.tensor(load.tokens, dtype=torch.int64)
+        cached = self._chunk_store().load(tokens, load.chunks)
+        self.stats["fetch_s"] += time.perf_counter() - start
+        return cached
+
+    def _blend(self, load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> None:
+        """On the engine's thread, between steps: a second thread computing beside vLLM's
+        pinned CPU threads runs some hundred times slower than the same work done here."""
+        start = time.perf_counter()
+        if self._model is None:
+            from connectors.blend.hf_llama import HFLlama
+
+            self._model = HFLlama(self.shape.model_path)
+        hits = sum(v is not None for v in cached.values())
+        self.stats["chunk_hits"] += hits
+        self.stats["chunk_misses"] += len(cached) - hits
+        with torch.no_grad():
+            res = blend_prefill(self._model, blend_segments(load, cached), make_policy(load.policy))
+        n = load.num_tokens
+        blocks = torch.tensor(load.block_ids, dtype=torch.int64)
+        pos = torch.arange(n, dtype=torch.int64)
+        for i, t in enumerate(self._layers):
+            kv = kvl.TokenKV(res.kv.keys[i][:n], res.kv.values[i][:n])
+            kvl.write(t, self._paged, blocks, pos, kv)
+        self.stats["recompute_fraction"] = res.recompute_fraction
+        self.stats["blend_s"] += time.perf_counter() - start
+
+    def start_load_kv(self, meta: BlendMeta) -> None:
+        for load in meta.loads:
+            self._loading[load.req_id] = (load, self._pool.submit(self._fetch, load))
+
+    def get_finished(self) -> set[str] | None:
+        finished: set[str] = set()
+        for req_id, (load, fut) in list(self._loading.items()):
+            if not fut.done():
+                continue
+            del self._loading[req_id]
+            try:
+                self._blend(load, fut.result())
+                self.stats["blended_requests"] += 1
+            except Exception:  # no blend is better than a wrong one: vLLM recomputes
+                log.exception("blend of %s failed, recomputing", req_id)
+                self._load_errors.update(load.block_ids)
+                self.stats["failed_requests"] += 1
+            finished.add(req_id)
+        return finished or None
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.client.close()

@@ -1,0 +1,91 @@
+"""Run one vLLM CPU engine with the blend connector (or none) and print one JSON result line.
+
+Tests start it as a subprocess::
+
+    python -m tests.connectors.vllm.blend_engine_run '{"model": ..., "requests": [...]}'
+
+Spec keys: model, url (absent: no connector), extra (kv_connector_extra_config), max_tokens,
+max_model_len, skip_tokenizer_init (a model directory without a tokenizer),
+requests: [{"prompt": [ids], "params": kv_transfer_params or absent}], generated one after
+another. Each output holds the greedy tokens, vLLM's cached-token count and, per generated
+token, the log-probabilities of the whole vocabulary (``logprobs=-1``).
+Output line: ``RESULT {"outputs": [{"tokens", "cached", "logprobs"}], "worker": {stats}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def make_llm(spec: dict):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kv = None
+    if spec.get("url"):
+        kv = KVTransferConfig(
+            kv_connector="CacheServiceBlendConnector",
+            kv_connector_module_path="connectors.vllm_blend",
+            kv_role="kv_both",
+            kv_connector_extra_config={"url": spec["url"], **spec.get("extra", {})},
+        )
+    return LLM(
+        spec["model"],
+        dtype="float32",
+        block_size=32,
+        kv_cache_memory_bytes=64 << 20,
+        max_model_len=spec.get("max_model_len", 1024),
+        skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
+        max_logprobs=-1,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        kv_transfer_config=kv,
+        seed=0,
+    )
+
+
+def worker_stats() -> dict:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return {}
+    worker = getattr(get_kv_transfer_group(), "_worker", None)
+    return {} if worker is None else {**worker.stats, "namespace": worker.shape.ns.to_dict()}
+
+
+def run(spec: dict) -> dict:
+    from vllm import SamplingParams
+
+    llm = make_llm(spec)
+    outputs = []
+    for req in spec["requests"]:
+        extra = {"kv_transfer_params": req["params"]} if req.get("params") else None
+        params = SamplingParams(
+            max_tokens=spec.get("max_tokens", 4),
+            temperature=0,
+            ignore_eos=True,
+            logprobs=-1,
+            extra_args=extra,
+        )
+        out = llm.generate({"prompt_token_ids": req["prompt"]}, params, use_tqdm=False)[0]
+        gen = out.outputs[0]
+        logprobs = []
+        for step in gen.logprobs or []:
+            dense = [0.0] * len(step)
+            for tok, lp in step.items():
+                dense[tok] = lp.logprob
+            logprobs.append(dense)
+        outputs.append(
+            {"tokens": list(gen.token_ids), "cached": out.num_cached_tokens or 0,
+             "logprobs": logprobs}
+        )  # fmt: skip
+    return {"outputs": outputs, "worker": worker_stats()}
+
+
+if __name__ == "__main__":
+    result = run(json.loads(sys.argv[1]))
+    print("RESULT " + json.dumps(result), flush=True)
