@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from benchmarks.tier_duel import Row, duel, make_items
-from tiers.base import HEADER_BYTES
+from tiers.base import HEADER_BYTES, checksum
 from tiers.disk import DiskTier
 from tiers.host import HostTier
 
@@ -128,14 +128,17 @@ async def bench_disk(n: int, size: int, reps: int, batch: int, root: str) -> lis
             assert await disk.get_into(key, out) is not None, "disk tier lost a block"
         return time.perf_counter() - t
 
-    def raw_read(hold: int) -> float:
-        # like the tier, keep ``hold`` freshly read buffers alive at once (a get_many batch)
+    def raw_read(hold: int, verify: bool = False) -> float:
+        # like the tier, keep ``hold`` freshly read buffers alive at once (a get_many batch);
+        # ``verify`` adds the xxh3 pass that every tier read must make (the design's checksum)
         t = time.perf_counter()
         for i in range(0, n, hold):
             held = []
             for p in raw_paths[i : i + hold]:
                 with open(p, "rb") as f:
                     held.append(f.read())
+                if verify:
+                    checksum(memoryview(held[-1])[HEADER_BYTES:])
             del held
         return time.perf_counter() - t
 
@@ -157,6 +160,8 @@ async def bench_disk(n: int, size: int, reps: int, batch: int, root: str) -> lis
     w, wb = await duel(reps, tier_write, raw_write, nbytes)
     r1, rb1 = await duel(reps, lambda: tier_read(1), lambda: raw_read(1), nbytes)
     r, rb = await duel(reps, lambda: tier_read(batch), lambda: raw_read(batch), nbytes)
+    v1, vb1 = await duel(reps, lambda: tier_read(1), lambda: raw_read(1, True), nbytes)
+    v, vb = await duel(reps, lambda: tier_read(batch), lambda: raw_read(batch, True), nbytes)
     c, cb = await duel(reps, tier_cold, raw_cold, nbytes)
     try:
         p, pb = await duel(reps, tier_into, raw_into, n * size)
@@ -173,6 +178,15 @@ async def bench_disk(n: int, size: int, reps: int, batch: int, root: str) -> lis
             r,
             f"open/read/close, hold {batch}",
             rb,
+            0.8,
+        ),
+        Row("disk", "read (get, verified)", v1, "open/read/close + xxh3 verify", vb1, 0.8),
+        Row(
+            "disk",
+            f"read (get_many x{batch}, verified)",
+            v,
+            f"open/read/close + xxh3, hold {batch}",
+            vb,
             0.8,
         ),
         Row("disk", "cold read (get, verified)", c, "open/read/close, page cache dropped", cb, 0.8),
