@@ -8,7 +8,8 @@
          the same directory (page cache warm for both; neither fsyncs).
 - redis: RedisTier.put_many / get_many (pipelined, ``--batch`` per round trip) vs
          ``redis-benchmark -d <value> -c 1 -P <batch>`` against the same redis-server.
-Each number is the best of ``--reps`` repetitions. Prints a table and PASS/FAIL per target.
+Host and disk numbers are the best of ``--reps`` repetitions; redis numbers are medians of
+``--reps`` interleaved repetitions (use 5 or more). Prints a table and PASS/FAIL per target.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Redis tier: blocks shared across hosts through one Redis server (or a proxy in front of a
 cluster). Value = 64-byte header + payload written with ONE ``SET``, so another host reads
 the whole block or nothing; the header lets any host rebuild its index through ``scan``.
+Values travel through ``tiers.resp`` (no user-space copy of a payload, the checksum computed as
+each value arrives); the small commands go through redis-py.
 
 Redis is remote and may be slow or gone: every failure or timeout is a miss (``get``) or a
 refusal (``put`` returns False), never an exception into the service. After a connection
@@ -17,9 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import numpy as np
 import redis.asyncio as aioredis
-from redis._parsers.resp2 import _AsyncRESP2Parser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,52 +27,16 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tiers.base import HEADER_BYTES, Block, BlockMeta, CorruptBlock, Tier, decode_block
+from tiers.resp import RespConnection, RespError
 
 T = TypeVar("T")
 _SCAN_BATCH = 512
-_BIG_VALUE = 64 << 10
 # Bytes per pipelined round trip. Pipelining many multi-MiB values makes both sides buffer
 # them whole (fresh memory, page faults) and is slower than a few round trips.
 _ROUND_TRIP_BYTES = 4 << 20
-_STREAM_LIMIT = 2 << 20
-_FAILURES = (RedisError, OSError)
+_MAX_IDLE = 8  # idle bulk connections kept; a burst beyond that closes its extras
+_FAILURES = (RedisError, OSError, RespError)
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-class _StreamingParser(_AsyncRESP2Parser):
-    """RESP2 parser that reads a large bulk string straight into one buffer, in socket-sized
-    pieces, instead of redis-py's readexactly + concatenate + slice (three extra full-size
-    copies). Returns a memoryview over that buffer; small replies keep the stock path."""
-
-    def on_connect(self, connection) -> None:
-        super().on_connect(connection)
-        # asyncio's default 64 KiB stream limit pauses the socket whenever 128 KiB wait unread,
-        # i.e. after every 256 KiB recv of a large value: a pause/resume (two epoll_ctl calls
-        # and a stalled sender) per piece. Let a round trip's worth stay buffered instead.
-        self._stream._limit = max(self._stream._limit, _STREAM_LIMIT)
-
-    async def _read(self, length: int) -> bytes | memoryview:
-        want = length + 2  # the value and its CRLF
-        have = max(0, len(self._buffer) - self._pos)
-        if length < _BIG_VALUE or have >= want:
-            return await super()._read(length)
-        view = memoryview(np.empty(want, dtype=np.uint8))
-        view[:have] = memoryview(self._buffer)[self._pos :]
-        got = have
-        try:
-            while got < want:
-                piece = await self._stream.read(want - got)
-                if not piece:
-                    raise RedisConnectionError("Redis closed the connection mid-value")
-                view[got : got + len(piece)] = piece
-                got += len(piece)
-        except BaseException:
-            # keep what was consumed so redis-py can re-parse this reply (as its parser does)
-            self._chunks.append(bytes(view[have:got]))
-            raise
-        self._chunks.append(view[have:])
-        self._pos += want
-        return view[:length]
 
 
 def _round_trips(sizes: Sequence[int]) -> list[range]:
@@ -87,6 +51,16 @@ def _round_trips(sizes: Sequence[int]) -> list[range]:
     if start < len(sizes):
         groups.append(range(start, len(sizes)))
     return groups
+
+
+def _decoded(value: memoryview | None) -> Block | CorruptBlock | None:
+    """Parse and verify a value as it arrives, while the server sends the next one."""
+    if value is None:
+        return None
+    try:
+        return decode_block(value)
+    except CorruptBlock as e:
+        return e
 
 
 class RedisTier(Tier):
@@ -112,14 +86,18 @@ class RedisTier(Tier):
         self._down_until = 0.0
         # Generous read timeout: a 32 MiB value must not time out on a slow link; one retry
         # without backoff reconnects a pooled connection that the server dropped.
+        self._timeouts = (timeout, connect_timeout)
         self._client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 1),
             protocol=2,
-            parser_class=_StreamingParser,
         )
+        # Values move through RespConnections, one per concurrent SET/MGET round trip, kept
+        # idle between calls; the small commands (EXISTS, DEL, SCAN, GETRANGE) keep redis-py.
+        self._idle: list[RespConnection] = []
+        self._closed = False
 
     def _rkey(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
@@ -150,6 +128,30 @@ class RedisTier(Tier):
                 self._down_until = time.monotonic() + self.retry_after
             return default
 
+    async def _on_connection(self, op: Callable[[RespConnection], Awaitable[T]]) -> T:
+        """Run ``op`` on an idle connection or a new one. A connection that failed or was
+        cancelled mid-command is closed; a reused one the server dropped gets one retry on a
+        new one (SET and MGET are idempotent)."""
+        for fresh in (not self._idle, True):
+            conn = await RespConnection.open(self.url, *self._timeouts) if fresh else None
+            conn = conn or self._idle.pop()
+            try:
+                result = await op(conn)
+            except BaseException as e:
+                conn.close()
+                if fresh or not isinstance(e, ConnectionError):
+                    raise
+                continue
+            if self._closed or len(self._idle) >= _MAX_IDLE:
+                conn.close()
+            else:
+                self._idle.append(conn)
+            return result
+        raise AssertionError("unreachable: the fresh attempt returns or raises")
+
+    async def _bulk(self, op: Callable[[RespConnection], Awaitable[T]], default: T) -> T:
+        return await self._call(lambda: self._on_connection(op), default)
+
     # -- writes -----------------------------------------------------------------------------
 
     async def put(self, meta: BlockMeta, payload: bytes | memoryview) -> bool:
@@ -168,17 +170,14 @@ class RedisTier(Tier):
         if not todo:
             return fits
 
-        async def send() -> bool:
+        values = [(self._rkey(meta.key), (meta.encode(), payload)) for meta, payload in todo]
+
+        async def send(conn: RespConnection) -> bool:
             for group in _round_trips([HEADER_BYTES + meta.length for meta, _ in todo]):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for meta, payload in (todo[i] for i in group):
-                        # join copies once; redis-py sends a large value as its own chunk
-                        pipe.set(self._rkey(meta.key), b"".join((meta.encode(), payload)))
-                    if not all(await pipe.execute()):
-                        return False
+                await conn.set_many([values[i] for i in group])
             return True
 
-        if not await self._call(send, False):
+        if not await self._bulk(send, False):
             return [False] * len(items)
         for meta, _ in todo:
             self._track(meta.key, HEADER_BYTES + meta.length)
@@ -199,29 +198,26 @@ class RedisTier(Tier):
         if not keys:
             return []
 
-        async def fetch() -> list:
-            values: list = []
+        rkeys = [self._rkey(k) for k in keys]
+
+        async def fetch(conn: RespConnection) -> list[Block | CorruptBlock | None]:
+            values: list[Block | CorruptBlock | None] = []
             for group in _round_trips([self._sizes.get(k, 0) for k in keys]):
-                values += await self._client.mget([self._rkey(keys[i]) for i in group])
+                values += await conn.mget([rkeys[i] for i in group], _decoded)
             return values
 
-        values = await self._call(fetch, None)
+        values = await self._bulk(fetch, None)
         if values is None:  # unreachable: a miss, but the blocks are not known to be gone
             return [None] * len(keys)
         blocks: list[Block | None] = []
-        for key, value in zip(keys, values, strict=True):
-            block = None
-            if value is not None:
-                try:
-                    block = decode_block(value)
-                    if block.meta.key != key:
-                        raise CorruptBlock(f"value under {key.hex()} names another block")
-                    self._track(key, len(value))
-                except CorruptBlock:
-                    block = None
-                    await self.delete(key)
-            else:
+        for key, block in zip(keys, values, strict=True):
+            if block is None:
                 self._forget(key)
+            elif isinstance(block, CorruptBlock) or block.meta.key != key:
+                block = None  # corrupt, or a value under this key that names another block
+                await self.delete(key)
+            else:
+                self._track(key, HEADER_BYTES + block.meta.length)
             blocks.append(block)
         return blocks
 
@@ -276,6 +272,9 @@ class RedisTier(Tier):
             yield meta
 
     async def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
         await self._client.aclose()
 
     def check_integrity(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 
 import pytest
@@ -126,4 +128,87 @@ async def test_server_down_is_a_miss_not_an_error(redis_proc: RedisProcess):
     assert time.monotonic() - start < 5
     assert tier.used_bytes == HEADER_BYTES + 700  # down is not gone: accounting kept
     tier.check_integrity()
+    await tier.close()
+
+
+async def test_corrupt_value_in_a_pipelined_batch(tier: RedisTier, raw: redis.Redis, make_blocks):
+    blocks = make_blocks(4, 300_000)  # values larger than the reader's line buffer
+    assert await tier.put_many([(b.meta, b.payload) for b in blocks]) == [True] * 4
+    rkey = b"t:" + blocks[1].meta.key.hex().encode()
+    raw.setrange(rkey, HEADER_BYTES + 99_999, b"\0\0\0")
+    keys = [b.meta.key for b in blocks]
+    got = await tier.get_many([keys[0], keys[1], b"\3" * 16, keys[2], keys[3]])
+    assert got[1] is None and got[2] is None and raw.exists(rkey) == 0
+    assert [bytes(got[i].payload) for i in (0, 3, 4)] == [blocks[i].payload for i in (0, 2, 3)]
+    assert tier.used_bytes == 3 * (HEADER_BYTES + 300_000)
+    tier.check_integrity()
+
+
+async def test_concurrent_batches_use_separate_connections(tier: RedisTier, make_blocks):
+    blocks = make_blocks(12, 200_000)
+    items = [(b.meta, b.payload) for b in blocks]
+    puts = await asyncio.gather(*(tier.put_many(items[i : i + 3]) for i in range(0, 12, 3)))
+    assert puts == [[True] * 3] * 4
+    keys = [b.meta.key for b in blocks]
+    gets = await asyncio.gather(*(tier.get_many(keys[i::4]) for i in range(4)))
+    for i, got in enumerate(gets):
+        assert [bytes(g.payload) for g in got] == [b.payload for b in blocks[i::4]]
+    assert 1 <= len(tier._idle) <= 4  # one connection per concurrent round trip, kept idle
+    tier.check_integrity()
+
+
+async def test_selects_the_url_database(redis_proc: RedisProcess):
+    tier = RedisTier(redis_proc.url[: -len("/0")] + "/3", 1 << 20, prefix="t:")
+    payload = make_payload(100_000, seed=16)
+    meta = make_meta(payload, 16)
+    assert await tier.put(meta, payload)
+    rkey = b"t:" + meta.key.hex().encode()
+    db0, db3 = (redis.Redis.from_url(redis_proc.url[:-1] + db) for db in "03")
+    assert db3.exists(rkey) == 1 and db0.exists(rkey) == 0
+    assert (await tier.get(meta.key)).payload == payload
+    db0.close()
+    db3.close()
+    await tier.close()
+
+
+@pytest.mark.parametrize("op", ["put_many", "get_many"])
+async def test_server_killed_mid_batch(redis_proc: RedisProcess, make_blocks, op: str):
+    tier = RedisTier(redis_proc.url, 1 << 30, connect_timeout=1.0, retry_after=5.0)
+    blocks = make_blocks(8, 4 << 20)
+    items = [(b.meta, b.payload) for b in blocks]
+    if op == "get_many":
+        assert await tier.put_many(items) == [True] * 8
+    used = tier.used_bytes
+    redis_proc.proc.send_signal(signal.SIGSTOP)  # the batch stalls part-way through
+    start = time.monotonic()
+    if op == "put_many":
+        task = asyncio.ensure_future(tier.put_many(items))
+    else:
+        task = asyncio.ensure_future(tier.get_many([b.meta.key for b in blocks]))
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    redis_proc.kill()
+    assert await asyncio.wait_for(task, 5) == ([False] * 8 if op == "put_many" else [None] * 8)
+    assert await tier.put(*items[0]) is False  # within retry_after: no network touched
+    assert time.monotonic() - start < 3
+    assert tier.used_bytes == used
+    tier.check_integrity()
+    await tier.close()
+
+
+async def test_stalled_server_times_out(redis_proc: RedisProcess):
+    tier = RedisTier(redis_proc.url, 1 << 20, timeout=0.5, retry_after=0.2)
+    payload = make_payload(1000, seed=17)
+    meta = make_meta(payload, 17)
+    assert await tier.put(meta, payload)
+    redis_proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert await tier.get(meta.key) is None
+        assert 0.4 < time.monotonic() - start < 2
+    finally:
+        redis_proc.proc.send_signal(signal.SIGCONT)
+    await asyncio.sleep(0.25)
+    block = await tier.get(meta.key)  # the server answers again: a new connection reads it
+    assert block is not None and block.payload == payload
     await tier.close()
