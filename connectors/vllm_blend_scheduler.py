@@ -23,7 +23,7 @@ from cacheservice.client import DEFAULT_URL, CacheClient
 from cacheservice.errors import BadRequest, ServiceUnavailable
 from connectors.blend.chunking import Chunk, from_separators, from_spans
 from connectors.blend.recompute import FirstK, NoRecompute, Policy, TopRatio
-from connectors.vllm_scheduler import Gate
+from connectors.vllm_scheduler import Gate, scheduled
 from index.hashing import Namespace
 
 if TYPE_CHECKING:
@@ -285,24 +285,8 @@ class BlendScheduler:
     def build_connector_meta(self, so: SchedulerOutput) -> BlendMeta:
         meta = BlendMeta(loads=self._loads)
         self._loads = []
-        for new in so.scheduled_new_reqs:
-            st = self._reqs.get(new.req_id)
-            if st is not None and st.to_save:
-                st.block_ids = list(new.block_ids[0])
-                done = new.num_computed_tokens + so.num_scheduled_tokens[new.req_id]
-                self._plan_saves(new.req_id, st, done, meta)
-        cached = so.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            st = self._reqs.get(req_id)
-            if st is None or not st.to_save:
-                continue
-            new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids and new_ids is not None:
-                st.block_ids = list(new_ids[0])
-            elif new_ids is not None:
-                st.block_ids.extend(new_ids[0])
-            done = cached.num_computed_tokens[i] + so.num_scheduled_tokens[req_id]
-            self._plan_saves(req_id, st, done, meta)
+        for req_id, st, done in scheduled(so, self._reqs):
+            self._plan_saves(req_id, st, done, meta)  # nothing once its chunks are stored
         return meta
 
     def request_finished(self, request) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
@@ -31,6 +31,7 @@ from connectors.vllm_blend_scheduler import (
     make_policy,
 )
 from connectors.vllm_scheduler import Gate
+from connectors.vllm_worker import Loads
 
 log = logging.getLogger("cacheservice.connectors.vllm_blend")
 
@@ -68,9 +69,7 @@ class BlendWorker:
         self._model = None
         self._layers: list[torch.Tensor] = []
         self._paged: kvl.PagedLayout | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-blend")
-        self._loading: dict[str, tuple[BlendLoad, Future]] = {}
-        self._load_errors: set[int] = set()
+        self._loads: Loads[BlendLoad] = Loads("cs-blend", self._finish_load)
         self.stats = {"saved_chunks": 0, "blended_requests": 0, "failed_requests": 0}
         self.stats |= {"chunk_hits": 0, "chunk_misses": 0, "recompute_fraction": 0.0}
         self.stats |= {"fetch_s": 0.0, "blend_s": 0.0}  # blend_s includes fetch_s
@@ -141,30 +140,26 @@ class BlendWorker:
         self.stats["recompute_fraction"] = res.recompute_fraction
         self.stats["blend_s"] += time.perf_counter() - start
 
+    def _finish_load(self, load: BlendLoad, fut: Future) -> tuple[int, ...]:
+        try:
+            self._blend(load, fut.result())
+        except Exception:  # no blend is better than a wrong one: vLLM recomputes
+            log.exception("blend of %s failed, recomputing", load.req_id)
+            self.stats["failed_requests"] += 1
+            return load.block_ids
+        self.stats["blended_requests"] += 1
+        return ()
+
     def start_load_kv(self, meta: BlendMeta) -> None:
         for load in meta.loads:
-            self._loading[load.req_id] = (load, self._pool.submit(self._fetch, load))
+            self._loads.start(load.req_id, load, self._fetch)
 
     def get_finished(self) -> set[str] | None:
-        finished: set[str] = set()
-        for req_id, (load, fut) in list(self._loading.items()):
-            if not fut.done():
-                continue
-            del self._loading[req_id]
-            try:
-                self._blend(load, fut.result())
-                self.stats["blended_requests"] += 1
-            except Exception:  # no blend is better than a wrong one: vLLM recomputes
-                log.exception("blend of %s failed, recomputing", req_id)
-                self._load_errors.update(load.block_ids)
-                self.stats["failed_requests"] += 1
-            finished.add(req_id)
-        return finished or None
+        return self._loads.finished()
 
     def take_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self._loads.take_errors()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._loads.close()
         self.client.close()

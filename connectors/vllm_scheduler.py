@@ -14,7 +14,7 @@ import time
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
@@ -23,6 +23,8 @@ from cacheservice.errors import BadRequest, ServiceUnavailable, UnknownNamespace
 from index.hashing import ROOT_KEY, Namespace, prefix_keys
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -105,6 +107,34 @@ class Gate:
         if self.open:
             log.warning("cacheservice unavailable, recomputing for %.1fs: %s", self.retry_s, why)
         self._closed_until = time.monotonic() + self.retry_s
+
+
+class _Blocks(Protocol):
+    block_ids: list[int]
+
+
+B = TypeVar("B", bound=_Blocks)
+
+
+def scheduled(so: SchedulerOutput, reqs: Mapping[str, B]) -> Iterator[tuple[str, B, int]]:
+    """``(req_id, state, tokens computed once this step has run)`` for each request of ``so``
+    that ``reqs`` tracks, its ``state.block_ids`` brought up to the engine's blocks first."""
+    for new in so.scheduled_new_reqs:
+        st = reqs.get(new.req_id)
+        if st is not None:
+            st.block_ids = list(new.block_ids[0])
+            yield new.req_id, st, new.num_computed_tokens + so.num_scheduled_tokens[new.req_id]
+    cached = so.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        st = reqs.get(req_id)
+        if st is None:
+            continue
+        new_ids = cached.new_block_ids[i]
+        if req_id in cached.resumed_req_ids and new_ids is not None:
+            st.block_ids = list(new_ids[0])  # a preempted request gets all its blocks anew
+        elif new_ids is not None:
+            st.block_ids.extend(new_ids[0])
+        yield req_id, st, cached.num_computed_tokens[i] + so.num_scheduled_tokens[req_id]
 
 
 @dataclass(frozen=True)
@@ -243,24 +273,8 @@ class SchedulerSide:
     def build_connector_meta(self, so: SchedulerOutput) -> CacheServiceMeta:
         meta = CacheServiceMeta(loads=self._loads)
         self._loads = []
-        for new in so.scheduled_new_reqs:
-            st = self._reqs.get(new.req_id)
-            if st is not None:
-                st.block_ids = list(new.block_ids[0])
-                done = new.num_computed_tokens + so.num_scheduled_tokens[new.req_id]
-                self._plan_save(new.req_id, st, done, meta)
-        cached = so.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            st = self._reqs.get(req_id)
-            if st is None or st.planned >= len(st.keys[0]):
-                continue  # decode steps of a prompt already stored: nothing to save
-            new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids and new_ids is not None:
-                st.block_ids = list(new_ids[0])
-            elif new_ids is not None:
-                st.block_ids.extend(new_ids[0])
-            done = cached.num_computed_tokens[i] + so.num_scheduled_tokens[req_id]
-            self._plan_save(req_id, st, done, meta)
+        for req_id, st, done in scheduled(so, self._reqs):
+            self._plan_save(req_id, st, done, meta)  # nothing once the prompt is stored
         return meta
 
     def blocks_failed(self, block_ids: set[int]) -> None:

@@ -16,7 +16,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic, TypeVar
 
 import torch
 import xxhash
@@ -51,6 +53,41 @@ class _Arena:
             return False
 
 
+S = TypeVar("S")
+
+
+class Loads(Generic[S]):
+    """Per-request loads run one at a time on a background thread and collected on the engine's
+    thread: ``finish(spec, future)`` runs there once a load is done and returns the engine
+    blocks it did not fill, which vLLM then recomputes (``take_errors``)."""
+
+    def __init__(self, thread_name: str, finish: Callable[[S, Future], Iterable[int]]):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._finish = finish
+        self._loading: dict[str, tuple[S, Future]] = {}
+        self._errors: set[int] = set()
+
+    def start(self, req_id: str, spec: S, load: Callable[[S], object]) -> None:
+        self._loading[req_id] = (spec, self._pool.submit(load, spec))
+
+    def finished(self) -> set[str] | None:
+        finished: set[str] = set()
+        for req_id, (spec, fut) in list(self._loading.items()):
+            if not fut.done():
+                continue
+            del self._loading[req_id]
+            self._errors.update(self._finish(spec, fut))
+            finished.add(req_id)
+        return finished or None
+
+    def take_errors(self) -> set[int]:
+        errors, self._errors = self._errors, set()
+        return errors
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class WorkerSide:
     def __init__(self, settings: Settings, layout: CacheLayout, tp_rank: int, num_blocks: int):
         self.layout, self.rank, self.num_blocks = layout, tp_rank, num_blocks
@@ -60,9 +97,7 @@ class WorkerSide:
         self._layers: list[tuple[torch.Tensor, int]] = []  # (kv tensor, its block dimension)
         self._arena: _Arena | None = None
         self._arena_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-load")
-        self._loading: dict[str, tuple[LoadSpec, Future]] = {}
-        self._load_errors: set[int] = set()
+        self._loads: Loads[LoadSpec] = Loads("cs-load", self._finish_load)
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
         self.stats |= {"load_s": 0.0, "acquire_s": 0.0, "save_s": 0.0}
 
@@ -160,31 +195,26 @@ class WorkerSide:
         finally:
             self.stats["load_s"] += time.perf_counter() - start
 
+    def _finish_load(self, spec: LoadSpec, fut: Future) -> tuple[int, ...]:
+        try:
+            done = fut.result()
+        except Exception:  # a bug must not take the engine down: recompute instead
+            log.exception("load of %s failed", spec.req_id)
+            done = 0
+        failed = spec.block_ids[done:]
+        self.stats["loaded_blocks"] += done
+        self.stats["failed_blocks"] += len(failed)
+        return failed
+
     def start_load_kv(self, meta: CacheServiceMeta) -> None:
         for spec in meta.loads:
-            self._loading[spec.req_id] = (spec, self._pool.submit(self._timed_load, spec))
+            self._loads.start(spec.req_id, spec, self._timed_load)
 
     def get_finished(self) -> set[str] | None:
-        finished: set[str] = set()
-        for req_id, (spec, fut) in list(self._loading.items()):
-            if not fut.done():
-                continue
-            del self._loading[req_id]
-            try:
-                done = fut.result()
-            except Exception:  # a bug must not take the engine down: recompute instead
-                log.exception("load of %s failed", req_id)
-                done = 0
-            failed = spec.block_ids[done:]
-            self._load_errors.update(failed)
-            self.stats["loaded_blocks"] += done
-            self.stats["failed_blocks"] += len(failed)
-            finished.add(req_id)
-        return finished or None
+        return self._loads.finished()
 
     def take_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self._loads.take_errors()
 
     # -- saves ----------------------------------------------------------------------------
 
@@ -213,5 +243,5 @@ class WorkerSide:
         self.stats["save_s"] += time.perf_counter() - start
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._loads.close()
         self.client.close()

@@ -15,45 +15,23 @@ Output line: ``RESULT {"outputs": [{"tokens", "cached", "logprobs"}], "worker": 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from tests.connectors.vllm import engine_run
 
 
 def make_llm(spec: dict):
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    kv = None
-    if spec.get("url"):
-        kv = KVTransferConfig(
-            kv_connector="CacheServiceBlendConnector",
-            kv_connector_module_path="connectors.vllm_blend",
-            kv_role="kv_both",
-            kv_connector_extra_config={"url": spec["url"], **spec.get("extra", {})},
-        )
-    return LLM(
-        spec["model"],
-        dtype="float32",
-        block_size=32,
-        kv_cache_memory_bytes=64 << 20,
-        max_model_len=spec.get("max_model_len", 1024),
+    return engine_run.make_llm(
+        spec,
+        "CacheServiceBlendConnector",
+        "connectors.vllm_blend",
         skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
         max_logprobs=-1,
-        enable_prefix_caching=False,
-        enforce_eager=True,
-        kv_transfer_config=kv,
-        seed=0,
     )
 
 
 def worker_stats() -> dict:
-    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-    if not has_kv_transfer_group():
-        return {}
-    worker = getattr(get_kv_transfer_group(), "_worker", None)
+    worker = engine_run.connector_worker()
     return {} if worker is None else {**worker.stats, "namespace": worker.shape.ns.to_dict()}
 
 

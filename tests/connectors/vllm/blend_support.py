@@ -4,18 +4,14 @@ slots hold its chunk blocks, and a runner for blend_engine_run subprocesses."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from tests.cacheservice.conftest import ServiceProcess, start_service
+from tests.connectors.vllm.conftest import start_engine, wait_engine
 from tests.connectors.vllm.tiny_model import TinyLlama, make_tiny_llama
 
-REPO = Path(__file__).resolve().parents[3]
 NUM_LAYERS = 4
 # Largest chunk block (the llama2.c model): 4 layers x K,V x 32 tokens x 4 kv heads x 32 dims
 # x 4 bytes = 128 KiB; the random model's is 64 KiB.
@@ -37,12 +33,5 @@ def make_tokens(n: int, rng: np.random.Generator) -> list[int]:
 
 def run_blend_engine(spec: dict, log: Path, timeout: float = 240.0) -> dict:
     """Run ``blend_engine_run`` with ``spec`` in a fresh process; returns its result dict."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [sys.executable, "-m", "tests.connectors.vllm.blend_engine_run", json.dumps(spec)]
-    with open(log, "wb") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=timeout)  # fmt: skip
-    text = log.read_text(errors="replace")
-    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"engine failed ({proc.returncode}):\n{text[-6000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    proc = start_engine(spec, log, "tests.connectors.vllm.blend_engine_run")
+    return wait_engine(proc, log, timeout)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +22,14 @@ BLOCK_TOKENS = 32
 # The tiny model's block: 2 layers x (2 kv heads x 32 tokens x 2*32 floats) = 32 KiB.
 SLOT_BYTES = 36864
 
-__all__ = ["ServiceProcess", "free_port", "run_engine", "start_engine", "wait_engine"]
+__all__ = [
+    "ServiceProcess",
+    "ask_while_stopped",
+    "free_port",
+    "run_engine",
+    "start_engine",
+    "wait_engine",
+]
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +62,14 @@ def make_llm_service(tmp_path: Path) -> Iterator[Callable[[str], ServiceProcess]
         svc.stop()
 
 
-def start_engine(spec: dict, log: Path) -> subprocess.Popen:
+def start_engine(
+    spec: dict, log: Path, module: str = "tests.connectors.vllm.engine_run"
+) -> subprocess.Popen:
+    """Start ``module`` (an engine runner) with ``spec`` in a fresh process, output to ``log``."""
     env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "tests.connectors.vllm.engine_run", json.dumps(spec)],
+            [sys.executable, "-m", module, json.dumps(spec)],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -66,7 +78,12 @@ def start_engine(spec: dict, log: Path) -> subprocess.Popen:
 
 
 def wait_engine(proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> dict:
-    proc.wait(timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
     text = log.read_text(errors="replace")
     lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"engine failed ({proc.returncode}):\n{text[-6000:]}"
@@ -76,3 +93,23 @@ def wait_engine(proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> di
 def run_engine(spec: dict, log: Path, timeout: float = 240.0) -> dict:
     """Run ``engine_run`` with ``spec`` in a fresh process; returns its result dict."""
     return wait_engine(start_engine(spec, log), log, timeout)
+
+
+def ask_while_stopped(side, request, proc: subprocess.Popen) -> tuple[list, float]:
+    """Ask scheduler ``side`` for ``request``'s matched tokens, step after step, while the
+    service ``proc`` is hung (SIGSTOP), until it answers or 2 s pass; asserts no query blocks the
+    step loop. Returns the answers and the seconds from the first query to the last answer
+    (teardown of the side and the service is not part of it)."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        answers, start = [], time.monotonic()
+        while time.monotonic() - start < 2.0:
+            t = time.monotonic()
+            answers.append(side.get_num_new_matched_tokens(request, 0))
+            assert time.monotonic() - t < 0.2, "one scheduler query blocked the step loop"
+            if answers[-1][0] is not None:
+                break
+        elapsed = time.monotonic() - start
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    return answers, elapsed

@@ -21,7 +21,12 @@ import time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def make_llm(spec: dict):
+def make_llm(
+    spec: dict,
+    connector: str = "CacheServiceConnector",
+    module: str = "connectors.vllm",
+    **engine_args,
+):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -29,8 +34,8 @@ def make_llm(spec: dict):
     if spec.get("url"):
         extra = {"url": spec["url"], **spec.get("extra", {})}
         kv = KVTransferConfig(
-            kv_connector="CacheServiceConnector",
-            kv_connector_module_path="connectors.vllm",
+            kv_connector=connector,
+            kv_connector_module_path=module,
             kv_role="kv_both",
             kv_connector_extra_config=extra,
         )
@@ -44,15 +49,21 @@ def make_llm(spec: dict):
         enforce_eager=True,
         kv_transfer_config=kv,
         seed=0,
+        **engine_args,
     )
 
 
-def worker_stats() -> dict:
+def connector_worker():
+    """This engine's connector worker side; None without a connector."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     if not has_kv_transfer_group():
-        return {}
-    worker = getattr(get_kv_transfer_group(), "_worker", None)
+        return None
+    return getattr(get_kv_transfer_group(), "_worker", None)
+
+
+def worker_stats() -> dict:
+    worker = connector_worker()
     if worker is None:
         return {}
     return {

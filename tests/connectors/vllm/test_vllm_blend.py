@@ -20,6 +20,7 @@ from tests.connectors.vllm.blend_support import (
     run_blend_engine,
     start_blend_service,
 )
+from tests.connectors.vllm.conftest import ask_while_stopped
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -201,8 +202,6 @@ def test_failed_blend_reports_its_blocks_and_writes_nothing(tmp_path: Path):
 def test_lookup_never_blocks_the_step_loop(model, tmp_path: Path):
     """A hung service: each scheduler query returns within ~lookup_wait_s (None = ask again
     next step) and the lookup becomes a miss, claiming nothing, at lookup_timeout_s."""
-    import signal
-    import time
 
     from vllm import SamplingParams
     from vllm.v1.request import Request
@@ -216,21 +215,13 @@ def test_lookup_never_blocks_the_step_loop(model, tmp_path: Path):
     side = BlendScheduler(BlendSettings(url=svc.url, lookup_timeout_s=0.4), shape)
     extra = {"kv_transfer_params": {"chunks": CHUNKS}}
     request = Request("r", PROMPT_B, SamplingParams(max_tokens=1, extra_args=extra), None)
-    svc.proc.send_signal(signal.SIGSTOP)
     try:
-        answers, start = [], time.monotonic()
-        while time.monotonic() - start < 2.0:
-            t = time.monotonic()
-            answers.append(side.get_num_new_matched_tokens(request, 0))
-            assert time.monotonic() - t < 0.2, "one scheduler query blocked the step loop"
-            if answers[-1][0] is not None:
-                break
+        answers, elapsed = ask_while_stopped(side, request, svc.proc)
     finally:
-        svc.proc.send_signal(signal.SIGCONT)
         side.close()
         svc.stop()
     assert answers[0] == (None, False) and answers[-1] == (0, False)
-    assert 0.3 < time.monotonic() - start < 1.5
+    assert 0.3 < elapsed < 1.5, f"the miss came after {elapsed:.2f} s"
     assert side.get_num_new_matched_tokens(request, 0) == (0, False), "the miss is final"
 
 
