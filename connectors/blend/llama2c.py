@@ -18,11 +18,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cacheservice.errors import BadRequest
-from connectors.blend.base import QKV, BlendLayer, BlendModel
-from connectors.blend.rope import RopeSpec, apply_rope
+from connectors.blend.llama import Llama, LlamaShape
+from connectors.blend.rope import RopeSpec
 
 BOS = 1
 MODEL_FILE = "models/aidreams260K.bin"
@@ -52,36 +51,10 @@ class Config:
         return self.dim // self.n_heads
 
 
-def _rmsnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _EPS) * w
+_RENAME = {"w1": "gate", "w3": "up", "w2": "down"}  # llama2.c's SwiGLU names
 
 
-class Llama2cLayer(BlendLayer):
-    def __init__(self, w: dict[str, torch.Tensor], cfg: Config, rope: RopeSpec):
-        self.w, self.cfg, self.rope = w, cfg, rope
-
-    def qkv(self, h: torch.Tensor, positions: torch.Tensor) -> QKV:
-        c, w = self.cfg, self.w
-        x = _rmsnorm(h, w["rms_att"])
-        q = (x @ w["wq"].T).view(-1, c.n_heads, c.head_dim)
-        k = (x @ w["wk"].T).view(-1, c.n_kv_heads, c.head_dim)
-        v = (x @ w["wv"].T).view(-1, c.n_kv_heads, c.head_dim)
-        return QKV(apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope), v)
-
-    def attend_and_mlp(self, h, q, k_all, v_all, mask):
-        c, w = self.cfg, self.w
-        rep = c.n_heads // c.n_kv_heads
-        k = k_all.repeat_interleave(rep, dim=1).transpose(0, 1)  # [H, Tk, d]
-        v = v_all.repeat_interleave(rep, dim=1).transpose(0, 1)
-        scores = q.transpose(0, 1) @ k.transpose(1, 2) / c.head_dim**0.5  # [H, Tq, Tk]
-        scores = scores.masked_fill(~mask[None], float("-inf"))
-        att = (scores.softmax(-1) @ v).transpose(0, 1).reshape(h.shape[0], c.dim)
-        h = h + att @ w["wo"].T
-        x = _rmsnorm(h, w["rms_ffn"])
-        return h + (F.silu(x @ w["w1"].T) * (x @ w["w3"].T)) @ w["w2"].T
-
-
-class Llama2c(BlendModel):
+class Llama2c(Llama):
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
         raw = Path(path).read_bytes()
         if len(raw) < 28:
@@ -108,17 +81,12 @@ class Llama2c(BlendModel):
             n = int(np.prod(shape))
             t[name] = f[off : off + n].view(shape)
             off += n
-        self.emb, self.rms_final = t["emb"], t["rms_final"]
-        self.wcls = t["emb"] if shared else t["wcls"]
-        self.rope = RopeSpec(cfg.head_dim, 10000.0, "gptj")
+        rope = RopeSpec(cfg.head_dim, 10000.0, "gptj")
+        shape = LlamaShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, _EPS, rope)
         per = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
-        self.layers = [Llama2cLayer({k: t[k][i] for k in per}, cfg, self.rope) for i in range(L)]
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.emb[tokens]
-
-    def final(self, h: torch.Tensor) -> torch.Tensor:
-        return _rmsnorm(h, self.rms_final) @ self.wcls.T
+        layers = [{_RENAME.get(k, k): t[k][i] for k in per} for i in range(L)]
+        lm_head = t["emb"] if shared else t["wcls"]
+        super().__init__(t["emb"], layers, t["rms_final"], lm_head, shape)
 
 
 class Tokenizer:

@@ -49,7 +49,7 @@ def convert(out: Path, root: Path | None = None) -> Path:
     assert 2 * llama2c.load(root).model.cfg.head_dim == WIDE, "widening doubles the head"
     model = llama2c.load(root).model
     c = model.cfg
-    t = {"model.embed_tokens.weight": model.emb, "model.norm.weight": model.rms_final}
+    t = {"model.embed_tokens.weight": model.emb, "model.norm.weight": model.norm}
     for i, layer in enumerate(model.layers):
         w, p = layer.w, f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = w["rms_att"]
@@ -59,9 +59,9 @@ def convert(out: Path, root: Path | None = None) -> Path:
         t[p + "self_attn.v_proj.weight"] = _pad_rows(w["wv"], c.n_kv_heads, c.head_dim)
         t[p + "self_attn.o_proj.weight"] = _pad_rows(w["wo"].T, c.n_heads, c.head_dim).T
         t[p + "post_attention_layernorm.weight"] = w["rms_ffn"]
-        t[p + "mlp.gate_proj.weight"] = w["w1"]
-        t[p + "mlp.up_proj.weight"] = w["w3"]
-        t[p + "mlp.down_proj.weight"] = w["w2"]
+        t[p + "mlp.gate_proj.weight"] = w["gate"]
+        t[p + "mlp.up_proj.weight"] = w["up"]
+        t[p + "mlp.down_proj.weight"] = w["down"]
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().clone() for k, v in t.items()}, str(out / "model.safetensors"))
     config = {
