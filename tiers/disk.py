@@ -68,12 +68,9 @@ def _read_file(
     gone, or the CorruptBlock it failed with. The payload lands in ``out`` (exactly
     ``size - HEADER_BYTES`` bytes) when given, else in a fresh buffer the caller then owns.
     With ``flags=os.RWF_NOWAIT`` raises BlockingIOError instead of waiting for the device."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return CorruptBlock(f"cannot open {path}: {e}")
+    fd = pagecache.open_block_file(path)
+    if not isinstance(fd, int):
+        return fd
     if out is None:
         # np.empty: no zero fill of bytes about to be overwritten
         whole = memoryview(np.empty(size, dtype=np.uint8))

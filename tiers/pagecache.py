@@ -26,6 +26,17 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 AVAILABLE = bool(_NOWAIT and _POPULATE)
 
 
+def open_block_file(path: str) -> int | None | CorruptBlock:
+    """A read-only descriptor of ``path``; None when the file is gone (a miss), the
+    CorruptBlock to report when it cannot be opened."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return CorruptBlock(f"cannot open {path}: {e}")
+
+
 def _probe_cached(fd: int, size: int) -> None:
     """Raise BlockingIOError unless the first, middle and last bytes are in the page cache."""
     probe = bytearray(1)
@@ -38,12 +49,9 @@ def map_cached(path: str, size: int) -> Block | None | CorruptBlock:
     pages, None when the file is gone, or the CorruptBlock it failed with. Raises
     BlockingIOError when part of the file is not in the page cache (read it off-loop)."""
     assert AVAILABLE, "map_cached needs RWF_NOWAIT and MAP_POPULATE (Linux)"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return CorruptBlock(f"cannot open {path}: {e}")
+    fd = open_block_file(path)
+    if not isinstance(fd, int):
+        return fd
     try:
         actual = os.fstat(fd).st_size
         if actual != size:
