@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
 
-from cacheservice.client import CacheClient
 from index.hashing import Namespace, prefix_keys
 from tests.processes import (  # noqa: F401  (re-exported for other test packages)
     REPO,
@@ -28,34 +23,6 @@ from tests.processes import (  # noqa: F401  (re-exported for other test package
 BLOCK_TOKENS = 16
 BLOCK_BYTES = 1024
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """One service per test module (namespaces keep tests apart); stopped with SIGTERM."""
-    svc = start_service(tmp_path_factory.mktemp("service"))
-    yield svc
-    assert svc.stop() == 0, svc.output()
-
-
-@pytest.fixture
-def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    started: list[ServiceProcess] = []
-
-    def make(name: str = "svc", **kwargs) -> ServiceProcess:
-        svc = start_service(tmp_path / name, **kwargs)
-        started.append(svc)
-        return svc
-
-    yield make
-    for svc in started:
-        svc.stop(signal.SIGKILL)
-
-
-@pytest.fixture
-def client(service: ServiceProcess) -> Iterator[CacheClient]:
-    with service.client() as c:
-        yield c
 
 
 def make_namespace(**overrides) -> Namespace:

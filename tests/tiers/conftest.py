@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from index.hashing import ROOT_KEY
 from tests.processes import RedisProcess, start_redis  # noqa: F401  (re-exported)
-from tiers.base import Block, BlockMeta
+from tiers.base import HEADER_BYTES, Block, BlockMeta
 
 
 @pytest.fixture
@@ -59,3 +60,23 @@ def make_blocks() -> Callable[..., list[Block]]:
         return blocks
 
     return make
+
+
+DAMAGES = ("flip_payload", "flip_header", "truncate", "extend")
+
+
+def damage_file(path: str, how: str, cut: int = 1) -> None:
+    """Damage a stored block file in place: flip one payload or header byte, cut ``cut`` bytes
+    off its end (a short file), or append one (a file longer than its header says)."""
+    with open(path, "r+b") as f:
+        if how == "truncate":
+            f.truncate(os.path.getsize(path) - cut)
+        elif how == "extend":
+            f.seek(0, os.SEEK_END)
+            f.write(b"x")
+        else:
+            assert how in ("flip_payload", "flip_header"), f"unknown damage {how!r}"
+            f.seek(HEADER_BYTES + 100 if how == "flip_payload" else 20)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 1]))

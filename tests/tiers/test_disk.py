@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.tiers.conftest import make_meta, make_payload
+from tests.tiers.conftest import DAMAGES, damage_file, make_meta, make_payload
 from tiers.base import HEADER_BYTES
 from tiers.disk import DiskTier
 
@@ -47,23 +47,13 @@ async def test_full_disk_refuses(tmp_path, make_blocks):
     disk.check_integrity()
 
 
-@pytest.mark.parametrize("damage", ["flip_payload", "flip_header", "truncate", "extend"])
+@pytest.mark.parametrize("damage", DAMAGES)
 async def test_damaged_file_is_a_miss_and_deleted(disk: DiskTier, damage: str):
     payload = make_payload(3000, seed=9)
     meta = make_meta(payload, 9)
     await disk.put(meta, payload)
     path = disk._file(meta.key)
-    with open(path, "r+b") as f:
-        if damage == "truncate":
-            f.truncate(HEADER_BYTES + 2999)
-        elif damage == "extend":
-            f.seek(0, os.SEEK_END)
-            f.write(b"x")
-        else:
-            f.seek(HEADER_BYTES + 100 if damage == "flip_payload" else 20)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 1]))
+    damage_file(path, damage)
     assert await disk.get(meta.key) is None
     assert not os.path.exists(path) and disk.used_bytes == 0
     assert not await disk.contains(meta.key)

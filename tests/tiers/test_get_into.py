@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tiers.disk
-from tests.tiers.conftest import make_meta, make_payload
+from tests.tiers.conftest import DAMAGES, damage_file, make_meta, make_payload
 from tests.tiers.test_stack import keys_of, make_chain, make_stack
 from tiers.base import HEADER_BYTES
 from tiers.disk import DiskTier
@@ -40,21 +40,13 @@ async def test_disk_round_trip_into_larger_buffer(disk: DiskTier):
     disk.check_integrity()
 
 
-@pytest.mark.parametrize("damage", ["flip_payload", "truncate", "extend"])
+@pytest.mark.parametrize("damage", DAMAGES)
 async def test_disk_damaged_file_is_a_miss_and_deleted(disk: DiskTier, damage: str):
     payload = make_payload(3000, seed=2)
     meta = make_meta(payload, 2)
     await disk.put(meta, payload)
     path = disk._file(meta.key)
-    with open(path, "r+b") as f:
-        if damage == "truncate":
-            f.truncate(HEADER_BYTES + 2000)  # a short file
-        elif damage == "extend":
-            f.seek(0, os.SEEK_END)
-            f.write(b"x")
-        else:
-            f.seek(HEADER_BYTES + 100)
-            f.write(b"\xff\x00")
+    damage_file(path, damage, cut=1000)  # a short file
     assert await disk.get_into(meta.key, make_out(4096)) is None
     assert not os.path.exists(path) and not await disk.contains(meta.key)
     assert disk.used_bytes == 0

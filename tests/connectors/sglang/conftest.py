@@ -18,7 +18,6 @@ import itertools
 import sys
 import types
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +35,6 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
 from connectors.sglang import CacheServiceHiCacheStorage  # noqa: E402
-from tests.cacheservice.conftest import ServiceProcess, start_service  # noqa: E402
 
 PAGE_SIZE = 4
 _models = itertools.count()
@@ -145,27 +143,6 @@ def make_config(url: str, *, model: str | None = None, **overrides) -> HiCacheSt
         extra_config=extra,
     )
     return HiCacheStorageConfig(**(fields | overrides))
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    svc = start_service(tmp_path_factory.mktemp("sglang-service"))
-    yield svc
-    assert svc.stop() == 0, svc.output()
-
-
-@pytest.fixture
-def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    started: list[ServiceProcess] = []
-
-    def make(name: str = "svc") -> ServiceProcess:
-        svc = start_service(tmp_path / name)
-        started.append(svc)
-        return svc
-
-    yield make
-    for svc in started:
-        svc.stop()
 
 
 @pytest.fixture
