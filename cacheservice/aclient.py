@@ -104,8 +104,10 @@ class AsyncCacheClient:
     async def reserve(self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> ReserveResult:
         return await self._do(Requests.reserve(ns, keys, parent))
 
-    async def commit(self, lease: str, ok: list[bool] | None = None) -> int:
-        return await self._do(Requests.commit(lease, ok))
+    async def commit(
+        self, lease: str, ok: list[bool] | None = None, checksums: list[int | None] | None = None
+    ) -> int:
+        return await self._do(Requests.commit(lease, ok, checksums))
 
     async def exists(self, ns: str, keys: list[bytes]) -> int:
         return await self._do(Requests.exists(ns, keys))

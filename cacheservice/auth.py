@@ -1,4 +1,5 @@
-"""Bearer-token auth for the control plane. ``/health`` stays open so probes need no secret."""
+"""Bearer-token auth for the control plane. ``/health`` stays open so probes need no secret.
+Where the token comes from by default: ``tokens.py``."""
 
 from __future__ import annotations
 

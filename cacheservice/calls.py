@@ -20,6 +20,7 @@ from cacheservice.service import (
     NamespaceInfo,
     ReserveResult,
 )
+from cacheservice.tokens import client_token
 from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
 
@@ -89,8 +90,11 @@ class Requests:
         return _post("/v1/reserve", body, lambda d: _build(ReserveResult, d))
 
     @staticmethod
-    def commit(lease: str, ok: list[bool] | None = None) -> Call:
-        return _post("/v1/commit", {"lease": lease, "ok": ok}, lambda d: d["committed"])
+    def commit(
+        lease: str, ok: list[bool] | None = None, checksums: list[int | None] | None = None
+    ) -> Call:
+        body = {"lease": lease, "ok": ok, "checksums": checksums}
+        return _post("/v1/commit", body, lambda d: d["committed"])
 
     @staticmethod
     def exists(ns: str, keys: list[bytes]) -> Call:
@@ -133,7 +137,9 @@ class Requests:
 
 
 def headers(token: str | None) -> dict[str, str]:
+    """Request headers; without an explicit token, the same-user default (tokens.py)."""
     out = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
+    token = client_token(token)
     if token:
         out["Authorization"] = f"Bearer {token}"
     return out

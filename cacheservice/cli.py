@@ -21,6 +21,8 @@ from aiohttp import web
 
 from cacheservice.config import DEFAULT_PORT, ConfigError, ServiceConfig, load_config
 from cacheservice.errors import CacheServiceError
+from cacheservice.tokens import TokenFileError
+from tiers.host import ArenaError
 
 log = logging.getLogger("cacheservice")
 
@@ -28,7 +30,13 @@ _HELP = {
     "host": "TCP address to bind (default 127.0.0.1)",
     "port": f"TCP port (default {DEFAULT_PORT}; 0 = no TCP, unix socket only)",
     "unix_socket": "also serve on this unix socket path (fastest for same-host engines)",
-    "token": "require 'Authorization: Bearer TOKEN' (better: env CACHESERVICE_TOKEN)",
+    "token": "require this bearer token (visible in ps: prefer env CACHESERVICE_TOKEN)",
+    "token_file": "token file used when no token is given, created 0600 at first start "
+    "(default ~/.config/cacheservice/token; clients of the same user read it)",
+    "auth": "'token' (default: bearer token required) or 'none' (any local user may "
+    "read and write the cache)",
+    "allowed_hosts": "comma-separated Host names accepted besides IP literals and localhost "
+    "('*' = any; guards against DNS rebinding)",
     "arena_path": "shared-memory arena file (default /dev/shm/cacheservice-PORT)",
     "arena_bytes": "arena size, e.g. 1GiB",
     "slot_bytes": "arena slot size incl. 64-byte header, multiple of 4096 (max block + 64)",
@@ -38,7 +46,10 @@ _HELP = {
     "redis_bytes": "Redis tier budget",
     "max_body_bytes": "largest request body accepted (413 above)",
     "max_keys": "most keys in one request (413 above)",
-    "lease_ms": "acquire/reserve leases expire after this many ms",
+    "lease_ms": "acquire/reserve leases expire after this many ms (also the most a client "
+    "may ask for)",
+    "remote_lookup_ms": "budget for asking a shared tier (Redis) about unknown keys during a "
+    "lookup; slower answers finish in the background",
     "log_level": "debug, info, warning or error",
 }
 
@@ -48,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service")
     serve.add_argument("--config", help="TOML config file (top-level keys or [cacheservice])")
+    defaults = ServiceConfig()
     for f in fields(ServiceConfig):
-        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=_HELP[f.name])
+        default = getattr(defaults, f.name) if f.name != "arena_path" else None
+        shown = "" if default in (None, "") or f.name == "token" else f" [default: {default}]"
+        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=_HELP[f.name] + shown)
     stats = sub.add_parser("stats", help="print a running service's /v1/stats as JSON")
     stats.add_argument("--url", default=None, help="http://host:port or unix:///path.sock")
     stats.add_argument("--token", default=os.environ.get("CACHESERVICE_TOKEN"))
@@ -73,6 +87,16 @@ def _prepare_unix_socket(path: str) -> None:
         probe.close()
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port), backlog=512)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {e.strerror}; another service may own that "
+            "port: stop it or pick another --port"
+        ) from None
+
+
 async def run_service(cfg: ServiceConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT), then shut down cleanly."""
     from cacheservice.server import create_app  # imports the tiers; keep `stats` light
@@ -81,16 +105,25 @@ async def run_service(cfg: ServiceConfig, stop: asyncio.Event | None = None) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Listeners first: a service that cannot serve must not touch the arena or the tiers.
+    sock = _listen(cfg.host, cfg.port) if cfg.port else None
+    if cfg.unix_socket:
+        _prepare_unix_socket(cfg.unix_socket)
     runner = web.AppRunner(create_app(cfg), handle_signals=False, access_log=None)
-    await runner.setup()  # opens the tiers and rebuilds the index (cleanup_ctx)
+    try:
+        await runner.setup()  # opens the tiers and rebuilds the index (cleanup_ctx)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
     try:
         where = []
-        if cfg.port:
-            await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True).start()
+        if sock is not None:
+            await web.SockSite(runner, sock).start()
             where.append(f"http://{cfg.host}:{cfg.port}")
         if cfg.unix_socket:
-            _prepare_unix_socket(cfg.unix_socket)
             await web.UnixSite(runner, cfg.unix_socket).start()
+            os.chmod(cfg.unix_socket, 0o600)
             where.append(f"unix://{cfg.unix_socket}")
         log.info("cacheservice ready on %s (arena %s)", ", ".join(where), cfg.arena_path)
         await stop.wait()
@@ -106,12 +139,17 @@ async def run_service(cfg: ServiceConfig, stop: asyncio.Event | None = None) -> 
 
 def _serve(args: argparse.Namespace) -> int:
     flags = {f.name: getattr(args, f.name) for f in fields(ServiceConfig)}
-    cfg = load_config(args.config, overrides=flags)
     logging.basicConfig(
-        level=cfg.log_level.upper(),
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    cfg = load_config(args.config, overrides=flags)
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    if args.token:
+        log.warning("--token is visible to every local user in ps; use CACHESERVICE_TOKEN")
+    if cfg.auth == "none" and not cfg.token:
+        log.warning("auth is 'none': every local user can read and write this cache")
     asyncio.run(run_service(cfg))
     return 0
 
@@ -129,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _serve(args) if args.command == "serve" else _stats(args)
-    except ConfigError as e:
+    except (ConfigError, TokenFileError) as e:
         print(f"cacheservice: configuration error: {e}", file=sys.stderr)
+        return 2
+    except ArenaError as e:
+        print(f"cacheservice: {e}", file=sys.stderr)
         return 2
     except (CacheServiceError, OSError) as e:
         print(f"cacheservice: {e}", file=sys.stderr)

@@ -167,8 +167,10 @@ class CacheClient:
     def reserve(self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> ReserveResult:
         return self._do(Requests.reserve(ns, keys, parent))
 
-    def commit(self, lease: str, ok: list[bool] | None = None) -> int:
-        return self._do(Requests.commit(lease, ok))
+    def commit(
+        self, lease: str, ok: list[bool] | None = None, checksums: list[int | None] | None = None
+    ) -> int:
+        return self._do(Requests.commit(lease, ok, checksums))
 
     def exists(self, ns: str, keys: list[bytes]) -> int:
         return self._do(Requests.exists(ns, keys))

@@ -6,6 +6,8 @@ value reads the same in a TOML file, an env var and a flag.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -19,7 +21,11 @@ except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+
 
 from tiers.base import HEADER_BYTES
 
+log = logging.getLogger("cacheservice.config")
 ENV_PREFIX = "CACHESERVICE_"
+# CACHESERVICE_* variables that clients (not the service) read: never a typo.
+CLIENT_ENV = frozenset({"url", "config"})
+AUTH_MODES = ("token", "none")
 DEFAULT_PORT = 8642
 PAGE = 4096
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -54,6 +60,9 @@ class ServiceConfig:
     port: int = DEFAULT_PORT  # 0 = no TCP listener (unix socket only)
     unix_socket: str | None = None
     token: str | None = None
+    token_file: str | None = None  # None = $CACHESERVICE_TOKEN_FILE or ~/.config/cacheservice/token
+    auth: str = "token"  # "none" opens the service to every local user: deliberate only
+    allowed_hosts: str = ""  # Host names besides IP literals and localhost ("*" = any)
     arena_path: str | None = None  # None = /dev/shm/cacheservice-<port>
     arena_bytes: int = GiB
     slot_bytes: int = 2 * MiB + PAGE  # a 2 MiB block (e.g. 8B model, 16 tokens, bf16) fits
@@ -64,6 +73,7 @@ class ServiceConfig:
     max_body_bytes: int = 64 * MiB
     max_keys: int = 65536
     lease_ms: int = 30000
+    remote_lookup_ms: int = 50  # budget for asking a shared tier about unknown keys in a lookup
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -100,8 +110,19 @@ class ServiceConfig:
             )
         if self.disk_dir is not None and self.disk_bytes <= 0:
             raise ConfigError("disk_bytes must be positive (or unset disk_dir to run without disk)")
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"auth must be one of {AUTH_MODES}, got {self.auth!r}")
+        if self.remote_lookup_ms <= 0:
+            raise ConfigError(f"remote_lookup_ms must be positive, got {self.remote_lookup_ms}")
         if self.redis_url is not None:
-            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            if self.redis_url.startswith("rediss://"):
+                # The bulk path speaks plain RESP on its own sockets: accepting rediss:// would
+                # send KV in clear text while the URL promises TLS.
+                raise ConfigError(
+                    "redis_url rediss:// (TLS) is not supported yet: the Redis tier would send "
+                    "KV unencrypted; use redis:// on a trusted network, or a unix:// socket"
+                )
+            if not self.redis_url.startswith(("redis://", "unix://")):
                 raise ConfigError(
                     f"redis_url must look like redis://host:port/db, got {self.redis_url!r}"
                 )
@@ -127,7 +148,7 @@ class ServiceConfig:
 
 _FIELDS = {f.name: f for f in fields(ServiceConfig)}
 _INT_FIELDS = {"port", "arena_bytes", "slot_bytes", "disk_bytes", "redis_bytes"}
-_INT_FIELDS |= {"max_body_bytes", "max_keys", "lease_ms"}
+_INT_FIELDS |= {"max_body_bytes", "max_keys", "lease_ms", "remote_lookup_ms"}
 
 
 def parse_size(value: Any, name: str = "size") -> int:
@@ -177,12 +198,19 @@ def read_toml(path: str) -> dict[str, Any]:
 
 
 def from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from CACHESERVICE_* variables. A variable that names no setting is left alone
+    with a warning (it may be meant for a client, or be a typo worth fixing), never fatal."""
     out: dict[str, Any] = {}
     for key, value in env.items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()
-            if name == "config":
-                continue  # the config file path itself, consumed by load_config
+            if name in CLIENT_ENV:
+                continue  # the config file path (load_config reads it) or a client's setting
+            if name not in _FIELDS:
+                near = difflib.get_close_matches(name, list(_FIELDS), n=1)
+                hint = f"; did you mean {ENV_PREFIX}{near[0].upper()}?" if near else ""
+                log.warning("ignoring %s: no such setting%s", key, hint)
+                continue
             out[name] = value
     return out
 

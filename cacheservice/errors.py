@@ -42,3 +42,22 @@ class ServiceUnavailable(CacheServiceError):
 
     status = 503
     code = "unavailable"
+
+
+class Overloaded(CacheServiceError):
+    """Too many open leases (or slots held by them): release leases, or retry later."""
+
+    status = 429
+    code = "overloaded"
+
+
+class Forbidden(CacheServiceError):
+    """A request from a web page (Origin header) or for an unexpected Host name."""
+
+    status = 403
+    code = "forbidden"
+
+
+class UnsupportedMediaType(CacheServiceError):
+    status = 415
+    code = "unsupported_media_type"

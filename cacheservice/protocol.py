@@ -19,6 +19,12 @@ from index.hashing import KEY_BYTES, ROOT_KEY, Namespace
 
 CONTENT_TYPE = "application/msgpack"
 _MISSING = object()
+# Bounds applied while decoding, before any object is built past them: a request is one map
+# of scalars and bins, with at most a nested namespace map and one or two arrays. Without
+# them a body of empty maps costs 64x its size in Python objects.
+MAX_CONTAINERS = 16
+MAX_MAP_LEN = 32
+MAX_STR_LEN = 4096
 
 
 def pack(obj: Any) -> bytes:
@@ -68,12 +74,40 @@ def error_for(status: int, body: bytes) -> CacheServiceError:
     return cls(message)
 
 
+def unpack_request(body: bytes, max_keys: int) -> Any:
+    """Decode a request body under the bounds above; raises BadRequest past them."""
+    budget = [MAX_CONTAINERS]
+
+    def count(container: Any) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise BadRequest(
+                f"body nests more than {MAX_CONTAINERS} maps/arrays: a request is one map of "
+                "fields (PROTOCOL.md)"
+            )
+        return container
+
+    return msgpack.unpackb(
+        body,
+        raw=False,
+        strict_map_key=True,
+        max_array_len=max_keys,
+        max_map_len=MAX_MAP_LEN,
+        max_str_len=MAX_STR_LEN,
+        max_ext_len=0,
+        list_hook=count,
+        object_hook=count,
+    )
+
+
 class Fields:
     """Typed, validated access to one decoded request map."""
 
     def __init__(self, body: bytes, max_keys: int):
         try:
-            doc = unpack(body) if body else {}
+            doc = unpack_request(body, max_keys) if body else {}
+        except BadRequest:
+            raise
         except Exception as e:
             raise BadRequest(
                 f"body is not valid msgpack ({type(e).__name__}: {e}); send a msgpack map "
@@ -174,6 +208,18 @@ class Fields:
             raise BadRequest(f"field {name!r} must hold only booleans")
         if length is not None and len(value) != length:
             raise BadRequest(f"field {name!r} has {len(value)} entries, expected {length}")
+        return value
+
+    def checksum_list(self, name: str) -> list[int | None] | None:
+        """An optional array of xxh3_64 checksums (unsigned 64-bit ints, or nil)."""
+        value = self.doc.get(name)
+        if value is None:
+            return None
+        self._typed(name, value, list, "an array of unsigned 64-bit integers")
+        for i, v in enumerate(value):
+            ok = v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64)
+            if not ok:
+                raise BadRequest(f"{name}[{i}] must be an xxh3_64 checksum (uint64) or nil")
         return value
 
     def namespace(self) -> Namespace:

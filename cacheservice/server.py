@@ -3,7 +3,8 @@
 Handlers validate every field (protocol.Fields) before calling the service, so a bad request
 is a 4xx that changes nothing. Middleware, outermost first: request metrics, error mapping
 (typed errors -> their status, anything else -> 500 with a message; the service stays up),
-then bearer auth when a token is configured.
+origin checks (guard.py: no browser pages, allowed Host names, msgpack bodies), then bearer
+auth unless the service was opened deliberately with ``auth = "none"`` (tokens.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from cacheservice import tokens
 from cacheservice.auth import auth_middleware
 from cacheservice.config import ServiceConfig
 from cacheservice.errors import CacheServiceError
+from cacheservice.guard import guard_middleware
 from cacheservice.memory import tune_allocator
 from cacheservice.metrics import CONTENT_TYPE as METRICS_TYPE
 from cacheservice.metrics import Metrics
@@ -57,7 +60,7 @@ def _svc(request: web.Request) -> CacheService:
 async def namespace(request: web.Request) -> web.Response:
     f = await _fields(request)
     ns, block_bytes = f.namespace(), f.integer("block_bytes", lo=1)
-    info = _svc(request).register_namespace(ns, block_bytes)
+    info = await _svc(request).register_namespace_durable(ns, block_bytes)
     return _reply(
         {"ns": info.ns, "seed": info.seed, "block_bytes": info.block_bytes, "arena": info.arena}
     )
@@ -95,8 +98,8 @@ async def reserve(request: web.Request) -> web.Response:
 @routes.post("/v1/commit")
 async def commit(request: web.Request) -> web.Response:
     f = await _fields(request)
-    lease, ok = f.string("lease"), f.bool_list("ok")
-    return _reply({"committed": await _svc(request).commit(lease, ok)})
+    lease, ok, sums = f.string("lease"), f.bool_list("ok"), f.checksum_list("checksums")
+    return _reply({"committed": await _svc(request).commit(lease, ok, sums)})
 
 
 @routes.post("/v1/exists")
@@ -207,23 +210,39 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 
 def build_tiers(cfg: ServiceConfig) -> tuple[HostTier, list[Tier]]:
-    """The tier stack a config describes, fastest first: host arena, disk, Redis."""
+    """The tier stack a config describes, fastest first: host arena, disk, Redis. A tier that
+    cannot be built leaves nothing behind (the arena file is removed again)."""
     host = HostTier(cfg.arena_path, cfg.arena_bytes, cfg.slot_bytes)
-    lower: list[Tier] = []
-    if cfg.disk_dir is not None:
-        lower.append(DiskTier(cfg.disk_dir, cfg.disk_bytes))
-    if cfg.redis_url is not None:
-        from tiers.redis import RedisTier  # imports redis-py only when a Redis tier is set
+    try:
+        lower: list[Tier] = []
+        if cfg.disk_dir is not None:
+            lower.append(DiskTier(cfg.disk_dir, cfg.disk_bytes))
+        if cfg.redis_url is not None:
+            from tiers.redis import RedisTier  # imports redis-py only when a Redis tier is set
 
-        lower.append(RedisTier(cfg.redis_url, cfg.redis_bytes))
+            lower.append(RedisTier(cfg.redis_url, cfg.redis_bytes))
+    except BaseException:
+        host.shutdown()
+        raise
     return host, lower
 
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG_KEY]
     host, lower = build_tiers(cfg)
-    service = CacheService(host, lower, lease_ms=cfg.lease_ms, max_keys=cfg.max_keys)
-    await service.start()
+    service = CacheService(
+        host,
+        lower,
+        lease_ms=cfg.lease_ms,
+        max_keys=cfg.max_keys,
+        max_response_bytes=cfg.max_body_bytes,
+        remote_lookup_ms=cfg.remote_lookup_ms,
+    )
+    try:
+        await service.start()
+    except BaseException:
+        await service.close()
+        raise
     app[SERVICE_KEY] = service
     try:
         yield
@@ -231,11 +250,26 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         await service.close()
 
 
+def service_token(config: ServiceConfig) -> str | None:
+    """The token requests must carry: the configured one, else (auth "token", the default)
+    the same-user token file, created at first start; None only for auth "none"."""
+    if config.token:
+        return config.token
+    if config.auth == "none":
+        return None
+    return tokens.load_or_create(config.token_file)
+
+
 def create_app(config: ServiceConfig) -> web.Application:
     tune_allocator()  # before any block-sized buffer exists
-    middlewares = [metrics_middleware, error_middleware]
-    if config.token:
-        middlewares.append(auth_middleware(config.token))
+    middlewares = [
+        metrics_middleware,
+        error_middleware,
+        guard_middleware(config.allowed_hosts.split(",")),
+    ]
+    token = service_token(config)
+    if token:
+        middlewares.append(auth_middleware(token))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics()

@@ -3,10 +3,16 @@
 It validates input (a bad request raises a typed error before any state changes), owns the
 namespaces (``namespaces.py``), the leases (``leases.py``) and the chunk index, and drives the
 TierStack. Callers import every result type from here, also those defined in those modules.
+
+Validation is the trust boundary: key lists must be distinct 16-byte keys, none the root,
+none the parent they chain from (a chain that repeats a key is a cycle). Reads check each
+stored header's namespace against the request's, so knowing another namespace's raw keys
+reads nothing. A response never exceeds ``max_body_bytes``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -39,16 +45,27 @@ class GetBlocksResult:
 
 class CacheService:
     def __init__(
-        self, host: HostTier, lower: list[Tier], *, lease_ms: int = 30000, max_keys: int = 65536
+        self,
+        host: HostTier,
+        lower: list[Tier],
+        *,
+        lease_ms: int = 30000,
+        max_keys: int = 65536,
+        max_response_bytes: int = 64 << 20,
+        remote_lookup_ms: int = 50,
     ) -> None:
         self.host = host
         self.tree = PrefixTree()
         self.stack = TierStack(host, lower, self.tree)
+        self.stack.on_dropped = self._block_dropped
+        self.stack.remote_budget_s = remote_lookup_ms / 1000
         self.chunks = ChunkIndex()
         self.namespaces = NamespaceRegistry(host, self.stack)
         self.leases = LeaseTable(host, self.tree, self.stack, lease_ms)
         self.max_keys = max_keys
+        self.max_response_bytes = max_response_bytes
         self.counters = {"hits": 0, "misses": 0, "stores": 0}
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def lease_ms(self) -> int:
@@ -64,25 +81,48 @@ class CacheService:
 
     async def close(self) -> None:
         await self.leases.close()
-        await self.namespaces.drain()
+        await self.drain()
         await self.stack.close()
 
     async def drain(self) -> None:
         """Wait for background writes (manifests, write-down) to finish."""
         await self.namespaces.drain()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.stack.drain()
 
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _load_manifest(self, meta: BlockMeta, payload: bytes | memoryview) -> None:
+        """Restore a namespace or a chunk from its manifest. A chunk whose blocks did not
+        survive, and a manifest nobody can read, would hold disk bytes forever: removed."""
         if self.namespaces.restore(meta, payload):
             return
-        if (entry := decode_entry(payload)) is not None:
+        entry = decode_entry(payload)
+        if entry is not None and all(self.tree.get(k) is not None for k in entry.keys):
             self.chunks.add(meta.ns, meta.key, entry)
-        else:
-            log.warning("unreadable manifest %s ignored", meta.key.hex())
+            return
+        why = "its blocks are gone" if entry is not None else "unreadable or of unknown kind"
+        log.info("manifest %s removed: %s", meta.key.hex(), why)
+        self.stack.counters.dropped += 1
+        self._spawn(self.stack.delete_manifest(meta.key))
+
+    def _block_dropped(self, key: bytes) -> None:
+        """A block stopped being stored: every chunk made of it goes, with its manifest."""
+        for chunk in self.chunks.drop_block(key):
+            self._spawn(self.stack.delete_manifest(chunk))
 
     # -- validation -------------------------------------------------------------------------
 
-    def _keys(self, keys: Sequence[bytes] | bytes | memoryview, what: str = "keys") -> list[bytes]:
+    def _keys(
+        self,
+        keys: Sequence[bytes] | bytes | memoryview,
+        what: str = "keys",
+        parent: bytes | None = None,
+    ) -> list[bytes]:
         if isinstance(keys, bytes | bytearray | memoryview):
             blob = bytes(keys)
             if len(blob) % KEY_BYTES:
@@ -100,7 +140,29 @@ class CacheService:
                 f"{len(keys)} {what} exceed max_keys={self.max_keys}: split the request or "
                 "raise the service's --max-keys"
             )
+        if len(set(keys)) != len(keys):
+            seen: set[bytes] = set()
+            dup = next(i for i, k in enumerate(keys) if k in seen or seen.add(k))
+            raise BadRequest(
+                f"{what}[{dup}] repeats an earlier key: block keys are chained hashes, distinct "
+                "within one request (send each block once)"
+            )
+        if ROOT_KEY in keys:
+            raise BadRequest(f"{what} holds ROOT_KEY (16 zero bytes), which names no block")
+        if parent is not None and parent in keys:
+            raise BadRequest(
+                f"{what} holds its own parent: a block cannot chain from itself or from a "
+                "block after it (index.hashing.prefix_keys chains each key from the previous)"
+            )
         return keys
+
+    def _response_fits(self, n: int, block_bytes: int) -> None:
+        if n * block_bytes > self.max_response_bytes:
+            most = max(1, self.max_response_bytes // block_bytes)
+            raise TooLarge(
+                f"{n} blocks of {block_bytes} bytes exceed the response limit of "
+                f"{self.max_response_bytes} bytes: ask for at most {most} keys per call"
+            )
 
     @staticmethod
     def _key(key: bytes, what: str) -> bytes:
@@ -111,13 +173,22 @@ class CacheService:
     def register_namespace(
         self, ns: Namespace, block_bytes: int, *, persist: bool = True
     ) -> NamespaceInfo:
+        """Register in memory; its manifest is written in the background (see
+        ``register_namespace_durable`` for the answer the HTTP API gives)."""
         return self.namespaces.register(ns, block_bytes, persist=persist)
+
+    async def register_namespace_durable(self, ns: Namespace, block_bytes: int) -> NamespaceInfo:
+        """Register and return only once the manifest is on the durable tiers (fsynced on
+        disk), so a namespace the service answered for survives a crash right after."""
+        info = self.namespaces.register(ns, block_bytes, persist=True)
+        await self.namespaces.drain()
+        return info
 
     # -- prefix reuse -----------------------------------------------------------------------
 
     async def _match(self, keys: list[bytes]) -> LookupResult:
         m = self.tree.match(keys)
-        if m.length < len(keys) and await self.stack.remote_extend(keys, m.length) > m.length:
+        if m.length < len(keys) and await self.stack.discover(keys, m.length) > m.length:
             m = self.tree.match(keys)
         return LookupResult(m.length, m.tiers)
 
@@ -133,7 +204,7 @@ class CacheService:
         """Consecutive keys present from the start in any tier, wherever they sit in the tree.
         Keys found only in a shared tier get indexed, so that an acquire can pin them."""
         count = self._run(keys)
-        if count < len(keys) and await self.stack.remote_extend(keys, count) > count:
+        if count < len(keys) and await self.stack.discover(keys, count) > count:
             count = self._run(keys)  # counted again: the await may have evicted some
         return count
 
@@ -145,12 +216,12 @@ class CacheService:
     ) -> AcquireResult:
         """Lease the longest hit prefix (``flat``: the longest run of present keys, which need
         not start at the root) readable from the arena."""
-        self.namespaces.get(ns)
+        namespace, _ = self.namespaces.get(ns)
         keys = self._keys(keys)
         deadline = self.leases.deadline(lease_ms)
         hits = await self._present(keys) if flat else (await self._match(keys)).hits
         # No await between the count above and the pin inside leases.acquire.
-        return await self.leases.acquire(keys[:hits], deadline)
+        return await self.leases.acquire(namespace.seed, keys[:hits], deadline)
 
     def release(self, lease: str) -> int:
         """Unpin an acquire lease, or abort a reserve lease (its slots are freed). An unknown
@@ -159,12 +230,14 @@ class CacheService:
 
     async def reserve(self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> ReserveResult:
         namespace, block_bytes = self.namespaces.get(ns)
-        keys = self._keys(keys)
         parent = self._key(parent, "parent")
+        keys = self._keys(keys, parent=parent)
         return await self.leases.reserve(namespace, block_bytes, keys, parent)
 
-    async def commit(self, lease: str, ok: list[bool] | None = None) -> int:
-        stored = await self.leases.commit(lease, ok)
+    async def commit(
+        self, lease: str, ok: list[bool] | None = None, sums: list[int | None] | None = None
+    ) -> int:
+        stored = await self.leases.commit(lease, ok, sums)
         self.counters["stores"] += stored
         return stored
 
@@ -189,8 +262,8 @@ class CacheService:
     ) -> int:
         """Store blocks from a request body; returns how many of ``keys`` are stored now."""
         namespace, block_bytes = self.namespaces.get(ns)
-        keys = self._keys(keys)
         parent = self._key(parent, "parent")
+        keys = self._keys(keys, parent=None if flat else parent)
         view = memoryview(data).cast("B")
         if len(view) != len(keys) * block_bytes:
             raise WrongBlockSize(
@@ -211,14 +284,16 @@ class CacheService:
         return stored
 
     async def get_blocks(self, ns: str, keys: list[bytes], prefix: bool = True) -> GetBlocksResult:
-        _, block_bytes = self.namespaces.get(ns)
+        namespace, block_bytes = self.namespaces.get(ns)
         keys = self._keys(keys)
+        self._response_fits(len(keys), block_bytes)
         out: list[bytes] = []
         present: list[bool] = []
         for key in keys:
             block = await self.stack.fetch(key)
             # copied before the next await: a host payload is only valid while nothing evicts
             ok = block is not None and len(block.payload) == block_bytes
+            ok = ok and block.meta.ns == namespace.seed
             if ok:
                 out.append(bytes(block.payload))
             present.append(ok)
@@ -242,7 +317,11 @@ class CacheService:
         chunk key). False when some block is not stored."""
         namespace, _ = self.namespaces.get(ns)
         chunk = self._key(chunk, "chunk")
-        keys = self._keys(keys)
+        if chunk == ROOT_KEY:
+            raise BadRequest(
+                "chunk must be the chunk's key (index.hashing.chunk_key), not ROOT_KEY"
+            )
+        keys = self._keys(keys, parent=chunk)
         if not isinstance(num_tokens, int) or num_tokens <= 0:
             raise BadRequest(f"num_tokens must be a positive integer, got {num_tokens!r}")
         if not isinstance(start_pos, int) or start_pos < 0:
@@ -258,9 +337,13 @@ class CacheService:
         if not all(self.tree.get(k) is not None for k in keys):
             return False
         entry = ChunkEntry(num_tokens, start_pos, keys)
-        self.chunks.add(namespace.seed, chunk, entry)
         manifest = encode_entry(namespace.seed, chunk, entry)
-        await self.stack.put_manifest(manifest.meta, manifest.payload)
+        if self.stack.lower and not await self.stack.put_manifest(manifest.meta, manifest.payload):
+            return False  # it would not survive a restart: say so rather than promise
+        if not all(self.tree.get(k) is not None for k in keys):
+            await self.stack.delete_manifest(chunk)  # a block left while the manifest was written
+            return False
+        self.chunks.add(namespace.seed, chunk, entry)
         return True
 
     def lookup_chunks(self, ns: str, chunks: list[bytes]) -> list[ChunkEntry | None]:
@@ -282,6 +365,7 @@ class CacheService:
     def stats(self) -> dict:
         tiers = self.stack.tiers
         c = self.stack.counters
+        errors = {t.name: vars(t.errors) for t in tiers}
         return {
             "namespaces": len(self.namespaces),
             "blocks": {t.name: self.tree.blocks_in(t.name) for t in tiers},
@@ -289,8 +373,20 @@ class CacheService:
             "capacity": {t.name: t.capacity_bytes for t in tiers},
             **self.counters,
             "evictions": c.evictions,
-            "corrupt": c.corrupt,
+            "dropped": c.dropped,
+            "corrupt": sum(e["corrupt"] for e in errors.values()),
+            "io_error": sum(e["io_error"] for e in errors.values()),
+            "no_space": sum(e["no_space"] for e in errors.values()),
+            "scan_removed": sum(e["scan_removed"] for e in errors.values()),
+            "skipped": sum(e["skipped"] for e in errors.values()),
+            "refused": c.refused,
+            "fenced": self.leases.fenced,
+            "failed_reads": c.failed_reads,
+            "remote_timeouts": c.remote_timeouts,
+            "errors": errors,
             "leases": len(self.leases),
+            "reserved_slots": self.leases.reserved_slots,
+            "cooling_slots": self.host.cooling_slots,
             "chunks": len(self.chunks),
             "promotions": c.promotions,
             "written_down": c.written_down,
@@ -301,3 +397,5 @@ class CacheService:
         self.stack.check_integrity()
         self.chunks.check_integrity()
         self.leases.check_integrity()
+        gone = [c for c, e in self.chunks.items() if not all(self.tree.present(e.keys))]
+        assert not gone, f"{len(gone)} chunks name blocks that are no longer stored"

@@ -161,17 +161,23 @@ class ArenaTransport(HttpTransport):
                 # The service restarted between our check and its answer: the slots it gave
                 # are in a file we have not mapped, so writing now would publish garbage.
                 raise ServiceUnavailable(f"arena {self.path} was replaced during a store")
+            sums: list[int | None] = []
             for slot, page in zip(res.slots, pages, strict=True):
+                csum = None
                 if slot is not None:
-                    dst = self._slot_addr(view, base, slot, page_bytes(page))
+                    n = page_bytes(page)
+                    start = dst = self._slot_addr(view, base, slot, n)
                     for seg in page:
                         ctypes.memmove(dst, seg.ptr, seg.nbytes)
                         dst += seg.nbytes
+                    csum = xxhash.xxh3_64_intdigest((ctypes.c_char * n).from_address(start))
+                sums.append(csum)
         except BaseException:
             with contextlib.suppress(CacheServiceError):
-                self.client.release(res.lease)  # aborts the reservation, frees its slots
+                if res.lease:
+                    self.client.release(res.lease)  # aborts the reservation, frees its slots
             raise
-        committed = self.client.commit(res.lease, ok)
+        committed = self.client.commit(res.lease, ok, sums) if any(ok) else 0
         if all(ok) and committed == len(keys):
             return [True] * len(keys)
         return _settle(self.client, ns, keys)  # None slots: already stored, or no space
@@ -193,7 +199,8 @@ class ArenaTransport(HttpTransport):
                 done += 1
         finally:
             with contextlib.suppress(CacheServiceError):  # else the lease expires on its own
-                self.client.release(acq.lease)
+                if acq.lease:
+                    self.client.release(acq.lease)
         self.pages_zero_copy += done
         if done == len(keys):
             return done

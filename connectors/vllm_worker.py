@@ -183,7 +183,8 @@ class WorkerSide:
                 done += 1
         finally:
             try:
-                self.client.release(acq.lease)
+                if acq.lease:  # an acquire that found nothing opened no lease
+                    self.client.release(acq.lease)
             except CacheServiceError as e:  # the lease expires on its own
                 log.info("release failed: %s", e)
         return done
@@ -220,14 +221,22 @@ class WorkerSide:
 
     def _save(self, spec: SaveSpec) -> int:
         keys = list(spec.keys[self.rank])
-        arena = self._arena_view()
         res = self._call(self.client.reserve, self.ns.id, keys, spec.parents[self.rank])
-        ok = []
+        # Mapped after the reserve: the arena that gave these slots. Should it have been
+        # replaced anyway, the checksums of what we wrote will not match the slots' bytes and
+        # the service publishes nothing.
+        arena = self._arena_view()
+        ok: list[bool] = []
+        sums: list[int | None] = []
         for slot, block_id in zip(res.slots, spec.block_ids, strict=False):
+            csum = None
             if slot is not None:
-                self._copy_out(block_id, arena.payload(slot, self.layout.block_bytes))
+                payload = arena.payload(slot, self.layout.block_bytes)
+                self._copy_out(block_id, payload)
+                csum = xxhash.xxh3_64_intdigest(payload)
             ok.append(slot is not None)
-        return self.client.commit(res.lease, ok) if any(ok) else 0
+            sums.append(csum)
+        return self.client.commit(res.lease, ok, sums) if any(ok) else 0
 
     def wait_for_save(self, meta: CacheServiceMeta) -> None:
         start = time.perf_counter()

@@ -71,11 +71,14 @@ def decode_entry(payload: bytes | memoryview) -> ChunkEntry | None:
 
 
 class ChunkIndex:
-    """chunk key -> ChunkEntry, with the namespace seed each chunk belongs to."""
+    """chunk key -> ChunkEntry, with the namespace seed each chunk belongs to. A chunk lives
+    only as long as every one of its blocks: ``drop_block`` removes the chunks of a block that
+    left the index (the reverse map ``block key -> chunks`` makes that O(chunks of it))."""
 
     def __init__(self) -> None:
         self._entries: dict[bytes, ChunkEntry] = {}
         self._ns: dict[bytes, int] = {}
+        self._by_block: dict[bytes, set[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -85,8 +88,21 @@ class ChunkIndex:
 
     def add(self, ns: int, chunk: bytes, entry: ChunkEntry) -> None:
         assert len(chunk) == KEY_BYTES, "chunk keys are 16 bytes"
+        self.remove(chunk)
         self._entries[chunk] = entry
         self._ns[chunk] = ns
+        for key in entry.keys:
+            self._by_block.setdefault(key, set()).add(chunk)
+
+    def items(self) -> list[tuple[bytes, ChunkEntry]]:
+        return list(self._entries.items())
+
+    def drop_block(self, key: bytes) -> list[bytes]:
+        """Remove every chunk that uses block ``key``; returns their chunk keys."""
+        chunks = list(self._by_block.get(key, ()))
+        for chunk in chunks:
+            self.remove(chunk)
+        return chunks
 
     def get(self, chunk: bytes, ns: int | None = None) -> ChunkEntry | None:
         """The entry of ``chunk``; None when unknown or (given ``ns``) of another namespace."""
@@ -97,13 +113,27 @@ class ChunkIndex:
 
     def remove(self, chunk: bytes) -> bool:
         self._ns.pop(chunk, None)
-        return self._entries.pop(chunk, None) is not None
+        entry = self._entries.pop(chunk, None)
+        if entry is None:
+            return False
+        for key in entry.keys:
+            users = self._by_block.get(key)
+            if users is not None:
+                users.discard(chunk)
+                if not users:
+                    del self._by_block[key]
+        return True
 
     def count(self, ns: int) -> int:
         return sum(1 for s in self._ns.values() if s == ns)
 
     def check_integrity(self) -> None:
         assert self._entries.keys() == self._ns.keys(), "entries and namespaces disagree"
+        users: dict[bytes, set[bytes]] = {}
+        for chunk, entry in self._entries.items():
+            for key in entry.keys:
+                users.setdefault(key, set()).add(chunk)
+        assert users == self._by_block, "block -> chunks map drifted from the entries"
         for chunk, entry in self._entries.items():
             assert len(chunk) == KEY_BYTES, f"chunk key {chunk!r} is not 16 bytes"
             assert entry.keys, f"chunk {chunk.hex()} has no blocks"

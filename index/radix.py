@@ -115,23 +115,31 @@ class PrefixTree:
 
     # -- mutation ---------------------------------------------------------------------------
 
-    def insert(self, parent_key: bytes, key: bytes, tier: str, length: int) -> None:
+    def insert(self, parent_key: bytes, key: bytes, tier: str, length: int) -> bool:
         """Record that ``tier`` holds block ``key`` whose parent is ``parent_key`` (ROOT_KEY for
         a prompt's first block, a chunk key for a chunk's first block). An unknown parent
-        becomes a stub; a known block just gains the tier."""
-        assert len(key) == KEY_BYTES and len(parent_key) == KEY_BYTES, "keys are 16 bytes"
-        assert key != parent_key and key != ROOT_KEY, "a block cannot be its own parent or root"
+        becomes a stub; a known block just gains the tier.
+
+        Returns False, changing nothing, when the edge would break the tree: a block that is
+        its own parent or the root, or a parent inside the block's own subtree (a cycle).
+        Callers hold input from clients and disks, which may say anything."""
+        if len(key) != KEY_BYTES or len(parent_key) != KEY_BYTES:
+            return False
+        if key == parent_key or key == ROOT_KEY:
+            return False
         node = self._nodes.get(key)
         if node is not None and node.tiers:
-            self.add_tier(key, tier)
-            return
+            self._add_tier(node, tier)
+            return True
         parent = self._root if parent_key == ROOT_KEY else self._nodes.get(parent_key)
         if node is not None:
+            # ``node`` is a stub: its subtree re-attaches below ``parent``, which therefore
+            # must not lie inside that subtree.
             if parent is not None and self._is_ancestor(node, parent):
-                parent = None  # a caller-made cycle: keep the stub's subtree apart from it
+                return False
             if parent is None:
                 parent = self._stub(parent_key)
-            self._stubs.discard(key)  # the stub becomes the real block, its subtree re-attaches
+            self._stubs.discard(key)
             node.parent = parent
             parent.children[key] = node
             self._set_depths(node, parent.depth + 1)
@@ -143,6 +151,7 @@ class PrefixTree:
             self._nodes[key] = node
         node.length = length
         self._add_tier(node, tier)
+        return True
 
     def add_tier(self, key: bytes, tier: str) -> None:
         node = self.get(key)
@@ -248,7 +257,8 @@ class PrefixTree:
             self._stubs.discard(node.key)
             del self._nodes[node.key]
 
-    def _is_ancestor(self, node: Node, other: Node) -> bool:
+    def _is_ancestor(self, node: Node, other: Node | None) -> bool:
+        # Terminates: insert never creates a cycle, so every parent chain ends.
         while other is not None:
             if other is node:
                 return True

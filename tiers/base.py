@@ -29,6 +29,19 @@ class CorruptBlock(Exception):
     """A stored block failed its header or checksum check. Tiers turn this into a miss."""
 
 
+@dataclass
+class TierErrors:
+    """What went wrong in one tier, kept apart: only ``corrupt`` means the stored bytes lied
+    (and were deleted); an ``io_error`` (EMFILE, EIO, a refused flag, a dropped connection) or
+    ``no_space`` leaves stored blocks alone."""
+
+    corrupt: int = 0  # header, length or checksum mismatch: the block was removed
+    io_error: int = 0  # the medium failed a read or write: a miss or a refused put
+    no_space: int = 0  # the medium itself was full (ENOSPC), whatever the budget said
+    scan_removed: int = 0  # blocks the start-up scan found broken and removed
+    skipped: int = 0  # headers that parse but cannot be indexed (cycles, self-parents)
+
+
 def checksum(payload: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
@@ -112,9 +125,15 @@ class Tier(ABC):
       The returned payload is owned by the caller, except for tiers documented as zero-copy
       (HostTier), whose memoryview stays valid only while the block is pinned in the index.
     - All methods are safe to call from one asyncio loop; blocking I/O runs off-loop.
+    - Failures are counted in ``errors`` (TierErrors). Only a block whose bytes fail their
+      header/length/checksum check is deleted; after an I/O error ``contains`` still says
+      True, which is how the stack tells a lost block from a failed read.
     """
 
     name: str = "tier"
+
+    def __init__(self) -> None:
+        self.errors = TierErrors()
 
     @property
     @abstractmethod

@@ -8,14 +8,24 @@ key -> slot map; other processes only map the file (ArenaView) and touch slots t
 that other processes created.
 
 Slot states (every slot is in exactly one): free, reserved (handed to a writer, invisible to
-get/contains/scan until published), used (published, in the key map).
+get/contains/scan until published), used (published, in the key map), cooling (left by a
+lease that expired: its holder may still be copying, so the slot is not handed out again
+until ``hold_until``).
+
+One service owns an arena path at a time: the owner holds an exclusive ``flock`` on
+``<path>.lock`` (which names its PID) for its whole life, and only the owner creates, unlinks
+or truncates the arena. A second service on the same path is refused with ``ArenaInUse``.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import struct
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -30,6 +40,50 @@ DEFAULT_ARENA_PATH = "/dev/shm/cacheservice-arena"
 _ARENA = struct.Struct("<4sH2xQQQ")
 _NO_HEADER = bytes(HEADER_BYTES)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+
+
+class ArenaError(RuntimeError):
+    """The arena cannot be created as configured; the message says what to change."""
+
+
+class ArenaInUse(ArenaError):
+    """Another live service owns this arena path."""
+
+
+def _available_bytes(directory: str) -> int:
+    """What a new shared-memory file can take now: free space of its filesystem, and (for
+    tmpfs, whose pages are RAM) the memory the kernel says is available."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = min(free, int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    return free
+
+
+def _lock_arena(path: str) -> int:
+    """Take the arena's owner lock; returns its descriptor (held until close)."""
+    lock_path = path + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ArenaInUse(
+                f"arena {path} belongs to a running cacheservice (pid {owner}): stop it, or "
+                "give this one another --port or --arena-path"
+            ) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _prefault(mm: mmap.mmap) -> None:
@@ -59,6 +113,7 @@ class HostTier(Tier):
     name = "host"
 
     def __init__(self, path: str, capacity_bytes: int, slot_bytes: int) -> None:
+        super().__init__()
         if slot_bytes <= HEADER_BYTES or slot_bytes % 4096:
             raise BadRequest(
                 f"slot_bytes={slot_bytes} must be a multiple of 4096 larger than the "
@@ -76,16 +131,33 @@ class HostTier(Tier):
         self.max_payload = slot_bytes - HEADER_BYTES
         size = self.data_offset + self.num_slots * slot_bytes
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        # A stale arena may still be mapped by an old process: unlink instead of truncating
-        # it under that process's feet (truncation would SIGBUS it).
-        if os.path.exists(path):
-            os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._lock = _lock_arena(path)
         try:
-            os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+            # We own the path now. A stale arena may still be mapped by an old engine: unlink
+            # instead of truncating it under that process's feet (truncation would SIGBUS it).
+            # lexists: a dangling symlink is stale too.
+            if os.path.lexists(path):
+                os.unlink(path)
+            room = _available_bytes(os.path.dirname(os.path.abspath(path)))
+            if size > room:
+                fits = max(0, room - self.data_offset) // slot_bytes * slot_bytes
+                raise ArenaError(
+                    f"an arena of {size} bytes does not fit: {os.path.dirname(path)} and memory "
+                    f"have {room} bytes available; use --arena-bytes {fits} or less"
+                )
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                self._ino = os.fstat(fd).st_ino
+                os.ftruncate(fd, size)
+                self._map = mmap.mmap(fd, size)
+            except BaseException:
+                os.unlink(path)
+                raise
+            finally:
+                os.close(fd)
+        except BaseException:
+            os.close(self._lock)
+            raise
         _prefault(self._map)  # before the header: the arena holds nothing a zero could clobber
         self._map[:ARENA_HEADER_BYTES] = _ARENA.pack(
             ARENA_MAGIC, ARENA_VERSION, slot_bytes, self.num_slots, self.data_offset
@@ -94,6 +166,8 @@ class HostTier(Tier):
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._free = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._reserved: set[int] = set()
+        self._cooling: deque[tuple[float, int]] = deque()  # (reusable at, slot), oldest first
+        self._tainted: dict[int, float] = {}  # used slot -> cooling deadline once it is freed
         self._slots: dict[bytes, int] = {}
         self._metas: dict[int, BlockMeta] = {}
         self._closed = False
@@ -120,7 +194,12 @@ class HostTier(Tier):
 
     @property
     def free_slots(self) -> int:
+        self._reclaim()
         return len(self._free)
+
+    @property
+    def cooling_slots(self) -> int:
+        return len(self._cooling)
 
     @property
     def capacity_bytes(self) -> int:
@@ -128,11 +207,37 @@ class HostTier(Tier):
 
     @property
     def used_bytes(self) -> int:
-        return (self.num_slots - len(self._free)) * self.slot_bytes
+        return (self.num_slots - len(self._free) - len(self._cooling)) * self.slot_bytes
 
     # -- writer protocol: alloc -> fill payload_view -> publish (or free) ---------------------
 
+    def _reclaim(self) -> None:
+        now = time.monotonic()
+        while self._cooling and self._cooling[0][0] <= now:
+            self._free.append(self._cooling.popleft()[1])
+
+    def _release(self, slot: int, hold_until: float) -> None:
+        hold_until = max(hold_until, self._tainted.pop(slot, 0.0))
+        if hold_until > time.monotonic():
+            # deadlines are appended in non-decreasing order only approximately: keep the
+            # deque sorted so _reclaim can stop at the first slot still cooling
+            if self._cooling and self._cooling[-1][0] > hold_until:
+                items = sorted([*self._cooling, (hold_until, slot)])
+                self._cooling = deque(items)
+            else:
+                self._cooling.append((hold_until, slot))
+        else:
+            self._free.append(slot)
+
+    def taint(self, key: bytes, hold_until: float) -> None:
+        """A reader of ``key`` lost its lease and may still be copying: once the block leaves
+        the arena, its slot cools until ``hold_until`` before it can be handed out again."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._tainted[slot] = max(hold_until, self._tainted.get(slot, 0.0))
+
     def alloc(self) -> int | None:
+        self._reclaim()
         if not self._free:
             return None
         slot = self._free.pop()
@@ -144,17 +249,19 @@ class HostTier(Tier):
         assert meta.length <= self.max_payload, "payload longer than the slot"
         self._reserved.discard(slot)
         if meta.key in self._slots:  # another writer published the same block first
-            self._free.append(slot)
+            self._release(slot, 0.0)
             return
         off = self._slot_offset(slot)
         self._map[off : off + HEADER_BYTES] = meta.encode()
         self._slots[meta.key] = slot
         self._metas[slot] = meta
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, hold_until: float = 0.0) -> None:
+        """Return a reserved slot; ``hold_until`` (monotonic time) keeps it cooling until then,
+        for a writer whose lease expired and who may still write into it."""
         assert slot in self._reserved, f"slot {slot} is not reserved (only reserved slots free)"
         self._reserved.discard(slot)
-        self._free.append(slot)
+        self._release(slot, hold_until)
 
     def slot_of(self, key: bytes) -> int | None:
         return self._slots.get(key)
@@ -212,13 +319,17 @@ class HostTier(Tier):
         del self._metas[slot]
         off = self._slot_offset(slot)
         self._map[off : off + HEADER_BYTES] = _NO_HEADER
-        self._free.append(slot)
+        self._release(slot, 0.0)
 
     async def scan(self) -> AsyncIterator[BlockMeta]:
         for meta in list(self._metas.values()):
             yield meta
 
     async def close(self) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Unmap and remove the arena this tier owns (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -226,16 +337,25 @@ class HostTier(Tier):
         self._view.release()
         _close_map(self._map)
         try:
-            os.unlink(self.path)
+            if os.lstat(self.path).st_ino == self._ino:  # never unlink another owner's file
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
+        os.close(self._lock)
 
     def check_integrity(self) -> None:
         used = set(self._metas)
         free = set(self._free)
+        cooling = {slot for _, slot in self._cooling}
         assert len(free) == len(self._free), "a slot is on the free list twice"
+        assert len(cooling) == len(self._cooling), "a slot is cooling twice"
         assert not (free & used) and not (free & self._reserved) and not (used & self._reserved)
-        assert len(free) + len(used) + len(self._reserved) == self.num_slots, "slots leaked"
+        assert not (cooling & (free | used | self._reserved)), "a cooling slot is also in use"
+        total = len(free) + len(used) + len(self._reserved) + len(cooling)
+        assert total == self.num_slots, "slots leaked"
+        assert set(self._tainted) <= used, "a tainted slot is not in use"
+        deadlines = [t for t, _ in self._cooling]
+        assert deadlines == sorted(deadlines), "cooling slots out of order"
         assert len(self._slots) == len(self._metas), "key map and slot map disagree"
         for key, slot in self._slots.items():
             meta = self._metas[slot]

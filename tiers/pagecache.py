@@ -26,15 +26,15 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 AVAILABLE = bool(_NOWAIT and _POPULATE)
 
 
-def open_block_file(path: str) -> int | None | CorruptBlock:
-    """A read-only descriptor of ``path``; None when the file is gone (a miss), the
-    CorruptBlock to report when it cannot be opened."""
+def open_block_file(path: str) -> int | None | OSError:
+    """A read-only descriptor of ``path``; None when the file is gone (a miss), the OSError
+    when it cannot be opened (EMFILE, EACCES, EIO: the medium failed, the block may be fine)."""
     try:
-        return os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError as e:
-        return CorruptBlock(f"cannot open {path}: {e}")
+        return e
 
 
 def _probe_cached(fd: int, size: int) -> None:
@@ -44,9 +44,10 @@ def _probe_cached(fd: int, size: int) -> None:
         os.preadv(fd, [probe], offset, _NOWAIT)
 
 
-def map_cached(path: str, size: int) -> Block | None | CorruptBlock:
+def map_cached(path: str, size: int) -> Block | None | CorruptBlock | OSError:
     """The verified block of the ``size``-byte file at ``path`` as a view of its page-cache
-    pages, None when the file is gone, or the CorruptBlock it failed with. Raises
+    pages, None when the file is gone, the CorruptBlock it failed with, or the OSError of a
+    medium that failed (EOPNOTSUPP: this filesystem has no RWF_NOWAIT). Raises
     BlockingIOError when part of the file is not in the page cache (read it off-loop)."""
     assert AVAILABLE, "map_cached needs RWF_NOWAIT and MAP_POPULATE (Linux)"
     fd = open_block_file(path)
@@ -60,7 +61,9 @@ def map_cached(path: str, size: int) -> Block | None | CorruptBlock:
         mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
     except BlockingIOError:
         raise
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        return e
+    except ValueError as e:  # an empty file cannot be mapped: it is not a block
         return CorruptBlock(f"cannot map {path}: {e}")
     finally:
         os.close(fd)

@@ -77,6 +77,7 @@ class RedisTier(Tier):
         connect_timeout: float = 2.0,
         retry_after: float = 1.0,
     ) -> None:
+        super().__init__()
         self.url = url
         self.prefix = prefix.encode()
         self.retry_after = retry_after
@@ -124,6 +125,7 @@ class RedisTier(Tier):
         try:
             return await op()
         except _FAILURES as e:
+            self.errors.io_error += 1
             if isinstance(e, _UNREACHABLE):
                 self._down_until = time.monotonic() + self.retry_after
             return default
@@ -215,6 +217,7 @@ class RedisTier(Tier):
                 self._forget(key)
             elif isinstance(block, CorruptBlock) or block.meta.key != key:
                 block = None  # corrupt, or a value under this key that names another block
+                self.errors.corrupt += 1
                 await self.delete(key)
             else:
                 self._track(key, HEADER_BYTES + block.meta.length)
@@ -266,6 +269,7 @@ class RedisTier(Tier):
             except (ValueError, UnicodeDecodeError, CorruptBlock):
                 continue  # not one of ours (or torn beyond repair): leave foreign keys alone
             if meta.key != key or size != HEADER_BYTES + meta.length:
+                self.errors.scan_removed += 1
                 await self.delete(key)
                 continue
             self._track(key, size)

@@ -6,7 +6,13 @@ Invariants:
   (bounded queue, so a slow tier applies back-pressure instead of growing memory).
 - A block leaves a tier only after it is safe in another tier, or it drops from the index
   (tree.evict_candidates hands out only such blocks; a last copy is first copied one tier down).
-- A read that fails or is corrupt is a miss: that tier's residency is removed from the tree.
+- A read that fails is a miss. A corrupt block is gone from its tier (the tier deleted it), so
+  its residency leaves the tree; after a mere I/O error the tier still holds the block and the
+  tree keeps it (``Tier.contains`` tells which).
+- Input from clients and media is untrusted: an edge the tree refuses (a cycle, a block that
+  is its own parent) is not stored, and a header that names one is skipped and counted.
+- Shared tiers are asked about unknown keys within a short budget; one slow or dead remote
+  never slows a lookup past it (the question finishes in the background, one at a time).
 - The tree is mutated only on the event loop; every await re-checks the node it works on.
   Blocks read zero copy from host are pinned while the read is in flight.
 """
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from index.hashing import ROOT_KEY
@@ -31,9 +37,11 @@ _WRITE_BATCH = 64
 class StackCounters:
     evictions: int = 0  # tier copies removed to make room
     dropped: int = 0  # blocks that left the index for good (last copy evicted)
-    corrupt: int = 0  # reads that failed a checksum or the medium
+    failed_reads: int = 0  # reads that came back empty (corrupt, I/O error or gone)
+    refused: int = 0  # blocks not stored: the edge would break the tree (cycle, self-parent)
     promotions: int = 0
     written_down: int = 0
+    remote_timeouts: int = 0  # shared-tier lookups that ran past the lookup budget
 
 
 class TierStack:
@@ -47,6 +55,10 @@ class TierStack:
         self.tiers: list[Tier] = [host, *lower]
         self.tree = tree
         self.counters = StackCounters()
+        # Called with each key that stops being a stored block (chunks that use it go too).
+        self.on_dropped: Callable[[bytes], None] | None = None
+        self.remote_budget_s = 0.05
+        self._discovery: asyncio.Task | None = None
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
         self._writer: asyncio.Task | None = None
         self._closed = False
@@ -61,6 +73,9 @@ class TierStack:
         if self._closed:
             return
         self._closed = True
+        if self._discovery is not None:
+            self._discovery.cancel()
+            await asyncio.gather(self._discovery, return_exceptions=True)
         if self._writer is not None:
             await self.drain()
             self._writer.cancel()
@@ -84,14 +99,18 @@ class TierStack:
             await self.make_room(0, 1)
             if not await self.host.put(meta, payload):
                 return False
-        await self.published(meta)
-        return True
+        return await self.published(meta)
 
-    async def published(self, meta: BlockMeta) -> None:
-        """A block just became visible in host (put or reserve/commit): index it, write down."""
-        self.tree.insert(meta.parent, meta.key, self.host.name, meta.length)
+    async def published(self, meta: BlockMeta) -> bool:
+        """A block just became visible in host (put or reserve/commit): index it, write down.
+        False when the tree refuses its edge: the host copy is removed again."""
+        if not self.tree.insert(meta.parent, meta.key, self.host.name, meta.length):
+            self.counters.refused += 1
+            await self.host.delete(meta.key)
+            return False
         if self._writer is not None:
             await self._queue.put(meta.key)
+        return True
 
     async def host_slots(self, wanted: int) -> int:
         """Evict until ``wanted`` host slots are free (or nothing more may go); free slots."""
@@ -139,16 +158,21 @@ class TierStack:
                 return False  # not copied and no longer a leaf: it must stay
         last = len(node.tiers) == 1
         await tier.delete(key)
-        self.tree.remove_tier(key, tier.name)
+        self._remove(key, tier.name)
         self.counters.dropped += last
         return True
+
+    def _remove(self, key: bytes, tier: str) -> None:
+        self.tree.remove_tier(key, tier)
+        if self.on_dropped is not None and self.tree.get(key) is None:
+            self.on_dropped(key)
 
     async def _copy_down(self, key: bytes, index: int) -> bool:
         if index + 1 >= len(self.tiers):
             return False
         block = await self.tiers[index].get(key)
         if block is None:
-            self._failed_read(key, self.tiers[index])
+            await self._failed_read(key, self.tiers[index])
             return False
         for below in range(index + 1, len(self.tiers)):
             if await self._put_into(below, [(block.meta, block.payload)]) == [True]:
@@ -193,7 +217,7 @@ class TierStack:
         for key in live:
             block = await self.host.get(key)
             if block is None:
-                self._failed_read(key, self.host)
+                await self._failed_read(key, self.host)
             else:
                 blocks.append(Block(block.meta, bytes(block.payload)))
         for index in range(1, len(self.tiers)):
@@ -212,12 +236,17 @@ class TierStack:
                     self.counters.written_down += 1
 
     async def put_manifest(self, meta: BlockMeta, payload: bytes) -> int:
-        """Write an index manifest (not a KV block, never in the tree) to every lower tier."""
+        """Write an index manifest (not a KV block, never in the tree) to every lower tier;
+        returns how many tiers hold it now (the disk tier fsyncs it first)."""
         assert meta.flags & FLAG_MANIFEST, "manifests carry FLAG_MANIFEST"
         stored = 0
         for index in range(1, len(self.tiers)):
             stored += (await self._put_into(index, [(meta, payload)]))[0]
         return stored
+
+    async def delete_manifest(self, key: bytes) -> None:
+        for tier in self.lower:
+            await tier.delete(key)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -244,7 +273,7 @@ class TierStack:
                     continue
             block = await tier.get(key)
             if block is None:
-                self._failed_read(key, tier)
+                await self._failed_read(key, tier)
                 continue
             if index and promote:
                 return await self._promote(block) or block
@@ -257,7 +286,9 @@ class TierStack:
             if getattr(tier, "shared", False):
                 block = await tier.get(key)
                 if block is not None and self.tree.get(key) is None:
-                    self.tree.insert(block.meta.parent, key, tier.name, block.meta.length)
+                    if not self.tree.insert(block.meta.parent, key, tier.name, block.meta.length):
+                        tier.errors.skipped += 1
+                        return None
                     return block
         return None
 
@@ -297,38 +328,68 @@ class TierStack:
         self.counters.promotions += 1
         return await self.host.get(key)
 
-    def _failed_read(self, key: bytes, tier: Tier) -> None:
-        self.counters.corrupt += 1
-        self.tree.remove_tier(key, tier.name)
+    async def _failed_read(self, key: bytes, tier: Tier) -> None:
+        """A read of ``key`` from ``tier`` came back empty. The tier deleted a corrupt block;
+        one it still holds only failed to read (an I/O error) and stays indexed."""
+        self.counters.failed_reads += 1
+        if not await tier.contains(key):
+            self._remove(key, tier.name)
+
+    @property
+    def shared(self) -> list[Tier]:
+        return [t for t in self.lower if getattr(t, "shared", False)]
+
+    async def discover(self, keys: Sequence[bytes], start: int) -> int:
+        """``remote_extend`` within ``remote_budget_s``. Past the budget the question goes on in
+        the background (indexing what it finds for the next lookup) and this returns
+        ``start``; while one such question is pending, no other is asked."""
+        if start >= len(keys) or not self.shared:
+            return start
+        if self._discovery is not None and not self._discovery.done():
+            return start
+        task = asyncio.ensure_future(self.remote_extend(list(keys), start))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.remote_budget_s)
+        except TimeoutError:
+            self.counters.remote_timeouts += 1
+            self._discovery = task
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return start
 
     async def remote_extend(
         self, keys: Sequence[bytes], start: int, parent: bytes = ROOT_KEY
     ) -> int:
         """Ask shared tiers (Redis written by other hosts) about ``keys[start:]``; index the
         consecutive ones found. Returns the new hit count."""
-        for tier in self.lower:
-            if not getattr(tier, "shared", False) or start >= len(keys):
-                continue
+        for tier in self.shared:
+            if start >= len(keys):
+                break
             found = await tier.contains_many(keys[start:])
             prev = keys[start - 1] if start else parent
             for key, ok in zip(keys[start:], found, strict=True):
-                if not ok:
+                if not ok or not self.tree.insert(prev, key, tier.name, 0):
                     break
-                self.tree.insert(prev, key, tier.name, 0)
                 prev = key
                 start += 1
         return start
 
     async def rebuild(self) -> list[Block]:
-        """Index every block the tiers hold (after a restart); returns the manifest blocks."""
+        """Index every block the tiers hold (after a restart); returns the manifest blocks.
+        Stored headers are untrusted: one the tree refuses is skipped, counted, and removed
+        from a local tier (a shared tier's keys belong to every host: left alone)."""
         manifests: dict[bytes, Block] = {}
         for tier in self.tiers:
             found: list[bytes] = []
+            refused: list[bytes] = []
             async for meta in tier.scan():
                 if meta.flags & FLAG_MANIFEST:
                     found.append(meta.key)
-                else:
-                    self.tree.insert(meta.parent, meta.key, tier.name, meta.length)
+                elif not self.tree.insert(meta.parent, meta.key, tier.name, meta.length):
+                    tier.errors.skipped += 1
+                    refused.append(meta.key)
+            if not getattr(tier, "shared", False):
+                for key in refused:
+                    await tier.delete(key)
             todo = [k for k in found if k not in manifests]
             for block in await tier.get_many(todo) if todo else []:
                 if block is not None:

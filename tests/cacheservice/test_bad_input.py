@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
+from cacheservice.calls import headers as client_headers
 from cacheservice.client import CacheClient
 from cacheservice.errors import (
     BadRequest,
@@ -30,7 +31,7 @@ from tests.cacheservice.conftest import (
 def raw_post(svc: ServiceProcess, path: str, body: bytes, headers: dict | None = None) -> tuple:
     conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
     try:
-        conn.request("POST", path, body=body, headers=headers or {})
+        conn.request("POST", path, body=body, headers=client_headers(svc.token) | (headers or {}))
         resp = conn.getresponse()
         return resp.status, msgpack.unpackb(resp.read(), raw=False)
     finally:
@@ -98,7 +99,7 @@ def test_bad_request_status(stored, service, path, body, status, needle) -> None
 
 def test_wrong_method_is_405_in_msgpack(stored, service: ServiceProcess) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
-    conn.request("GET", "/v1/lookup")
+    conn.request("GET", "/v1/lookup", headers=client_headers(service.token))
     resp = conn.getresponse()
     assert resp.status == 405
     assert msgpack.unpackb(resp.read(), raw=False)["error"] == "method_not_allowed"

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from cacheservice.calls import headers as client_headers
 from cacheservice.client import AsyncCacheClient, CacheClient
 from cacheservice.config import ServiceConfig
 from cacheservice.errors import ServiceUnavailable, UnknownNamespace, WrongBlockSize
@@ -75,7 +76,7 @@ async def test_async_client_over_unix_socket(make_service) -> None:
     svc = make_service("unix", unix_socket=True)
     async with AsyncCacheClient(svc.url) as c:
         info = await c.register(make_namespace(), BLOCK_BYTES)
-        assert (await c.lookup(info.ns, [bytes(16)])).hits == 0
+        assert (await c.lookup(info.ns, [b"\x01" * 16])).hits == 0
 
 
 def test_service_down_is_unavailable_quickly(tmp_path: Path) -> None:
@@ -158,7 +159,10 @@ async def inproc(tmp_path: Path):
 
 async def test_handler_bug_is_500_and_service_stays_up(inproc) -> None:
     app, url = inproc
-    async with aiohttp.ClientSession() as s, s.get(url + "/v1/buggy") as r:
+    async with (
+        aiohttp.ClientSession(headers=client_headers(None)) as s,
+        s.get(url + "/v1/buggy") as r,
+    ):
         assert r.status == 500
         body = await r.read()
     doc = msgpack.unpackb(body, raw=False)

@@ -165,7 +165,9 @@ async def test_lease_expiry_releases_and_aborts(tmp_path):
     import time
 
     assert svc.expire_leases(time.monotonic() + 61) == 3
-    assert svc.host.free_slots == free and all(svc.tree.get(k).pins == 0 for k in keys)
+    # The expired writer may still write: its slots cool instead of going straight back.
+    assert svc.host.free_slots == free - 2 and svc.host.cooling_slots == 2
+    assert all(svc.tree.get(k).pins == 0 for k in keys)
     assert await svc.commit(r.lease) == 0 and svc.release(a.lease) == 0
     assert svc.release(tail.lease) == 0
     assert svc.stats()["leases"] == 0
@@ -267,7 +269,8 @@ async def test_chunks_register_and_lookup(tmp_path):
     assert entries[0].num_tokens == 12 and entries[0].resident and entries[1] is None
     assert (await svc.lookup(NS.id, ckeys)).hits == 3
     await svc.put_blocks(NS.id, make_keys(8, 3000), ROOT_KEY, make_data(8))  # evicts chunk
-    assert svc.lookup_chunks(NS.id, [ck])[0].resident is False
+    # The chunk leaves with its blocks (it no longer holds index memory or a manifest).
+    assert svc.lookup_chunks(NS.id, [ck])[0] is None and svc.stats()["chunks"] == 0
     await checked(svc)
     await svc.close()
 

@@ -140,7 +140,7 @@ async def test_corrupt_disk_block_is_a_miss(tmp_path):
         f.seek(HEADER_BYTES + 10)
         f.write(b"\xff\x00\xff")
     assert await stack.fetch(victim) is None
-    assert stack.counters.corrupt == 1
+    assert stack.lower[0].errors.corrupt == 1 and stack.counters.failed_reads == 1
     assert stack.tree.get(victim) is None
     assert stack.tree.match(keys_of(chain)).length == 0  # the prefix starts with a hole
     assert not os.path.exists(path)
