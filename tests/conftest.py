@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,3 +40,29 @@ def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
 def client(service: ServiceProcess) -> Iterator[CacheClient]:
     with service.client() as c:
         yield c
+
+
+@pytest.fixture
+def make_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``make_mount(size="64m")``: a real tmpfs mounted under tmp_path (root only; skipped
+    with the reason otherwise), unmounted after the test."""
+    mounted: list[Path] = []
+
+    def make(size: str = "64m", name: str = "mnt") -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+        where = tmp_path / name
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

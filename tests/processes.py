@@ -38,6 +38,7 @@ class ServiceProcess:
     port: int
     token: str | None = None
     unix_socket: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra variables for the service
     proc: subprocess.Popen | None = None
     log: Path = field(init=False)
 
@@ -61,13 +62,11 @@ class ServiceProcess:
         return CacheClient(self.url, **kwargs)
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        env = {k: v for k, v in env.items() if not k.startswith("CACHESERVICE_")}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cacheservice", "serve", *self.args],
                 cwd=REPO,
-                env=env,
+                env=service_env(self.env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -102,26 +101,52 @@ class ServiceProcess:
         return self.log.read_text(errors="replace")
 
 
+def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a test's service runs in: ours, less every CACHESERVICE_* variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHESERVICE_")}
+    return env | {"PYTHONPATH": str(REPO)} | (extra or {})
+
+
+def service_args(workdir: Path, port: int) -> list[str]:
+    """Tiny tiers under ``workdir``: a 1 MiB arena of 4 KiB slots, a 16 MiB disk tier."""
+    args = ["--port", str(port), "--arena-path", str(workdir / "arena")]
+    args += ["--arena-bytes", "1MiB", "--slot-bytes", str(SLOT_BYTES)]
+    return args + ["--disk-dir", str(workdir / "disk"), "--disk-bytes", "16MiB"]
+
+
+def run_serve(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess:
+    """Run ``cacheservice serve`` expected to refuse to start; returns its exit and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "cacheservice", "serve", *args],
+        cwd=REPO,
+        env=service_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_service(
     workdir: Path,
     *,
     token: str | None = None,
     unix_socket: bool = False,
     extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServiceProcess:
     """Start ``python -m cacheservice serve`` with tiny tiers under ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    args = ["--port", str(port), "--arena-path", str(workdir / "arena")]
-    args += ["--arena-bytes", "1MiB", "--slot-bytes", str(SLOT_BYTES)]
-    args += ["--disk-dir", str(workdir / "disk"), "--disk-bytes", "16MiB", "--log-level", "info"]
+    args = service_args(workdir, port) + ["--log-level", "info"]
     sock = None
     if unix_socket:
         sock = str(workdir / "cs.sock")
         args += ["--unix-socket", sock]
     if token:
         args += ["--token", token]
-    svc = ServiceProcess(workdir, args + (extra or []), port, token, sock)
+    svc = ServiceProcess(workdir, args + (extra or []), port, token, sock, env or {})
     return svc.start()
 
 
