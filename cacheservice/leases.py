@@ -8,7 +8,8 @@ engine leaks nothing. Keys reaching this module are already validated by CacheSe
 Bounds (one client must not take the arena from the others): a lease lives at most the
 service's ``lease_ms`` whatever the client asks; one lease holds at most half of the
 arena's slots for writing and three quarters for reading; all reserve leases together hold at
-most three quarters of the slots; at most ``max_leases`` are open. A request that gets nothing opens no lease.
+most three quarters of the slots; at most ``max_leases`` are open. A request that gets
+nothing opens no lease.
 
 Fencing: a holder whose lease expired may still be copying. Its slots cool (are not handed
 out again) for ``lease_ms``; a writer states the checksum of what it wrote at commit, and a
