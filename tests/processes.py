@@ -173,6 +173,7 @@ def start_redis(workdir: Path) -> RedisProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     args += ["--appendonly", "no", "--dir", str(workdir), "--protected-mode", "no"]
+    args += ["--enable-debug-command", "local"]  # DEBUG SLEEP: a stalled server, on demand
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -199,6 +199,7 @@ class HostTier(Tier):
 
     @property
     def cooling_slots(self) -> int:
+        self._reclaim()
         return len(self._cooling)
 
     @property

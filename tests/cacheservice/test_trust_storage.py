@@ -222,3 +222,38 @@ def test_corrupt_and_io_errors_are_counted_apart(tmp_path: Path) -> None:
         assert got.present[0] is False
         assert stats["corrupt"] == 1 and stats["io_error"] == 0 and stats["no_space"] == 0
     svc.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("how", ["SIGSTOP", "DEBUG SLEEP"])
+def test_lookup_never_waits_on_a_stalled_redis(tmp_path: Path, how: str) -> None:
+    server = start_redis(tmp_path / "redis")
+    svc = start_service(tmp_path / "svc", extra=["--redis-url", server.url])
+    try:
+        with svc.client(timeout=5.0) as c:
+            ns = make_namespace()
+            info = c.register(ns, BLOCK_BYTES)
+            keys = make_keys(ns, 8, seed=4)
+            assert c.lookup(info.ns, keys).hits == 0  # Redis answers: a plain miss
+            if how == "SIGSTOP":
+                server.proc.send_signal(signal.SIGSTOP)
+            else:
+                sleeper = threading.Thread(
+                    target=lambda: redis.Redis.from_url(server.url).execute_command(
+                        "DEBUG", "SLEEP", "3"
+                    )
+                )
+                sleeper.start()
+                time.sleep(0.2)
+            times = []
+            for i in range(10):
+                start = time.monotonic()
+                assert c.lookup(info.ns, make_keys(ns, 8, seed=10 + i)).hits == 0
+                times.append(time.monotonic() - start)
+            assert max(times) < 0.25, times  # the 50 ms budget plus HTTP, never Redis' pace
+            assert c.stats()["remote_timeouts"] >= 1
+    finally:
+        if how == "SIGSTOP":
+            server.proc.send_signal(signal.SIGCONT)
+        svc.stop(signal.SIGKILL)
+        server.kill()

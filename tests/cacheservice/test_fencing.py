@@ -1,0 +1,123 @@
+"""A writer or reader slower than its lease, in another process, can never make a key serve
+another key's bytes: its slots cool before reuse, and a commit publishes only the bytes its
+writer says it wrote (writer checksums). Two real processes and a real service."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import xxhash
+
+from cacheservice.client import CacheClient
+from tests.cacheservice.conftest import (
+    BLOCK_BYTES,
+    REPO,
+    make_blocks,
+    make_keys,
+    make_namespace,
+    start_service,
+)
+from tiers.host import ArenaView
+
+LATE_WRITER = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    from cacheservice.client import CacheClient
+    from index.hashing import Namespace
+    from tiers.host import ArenaView
+
+    url, ns_doc, key, data = sys.argv[2], json.loads(sys.argv[3]), bytes.fromhex(sys.argv[4]), \\
+        bytes.fromhex(sys.argv[5])
+    with CacheClient(url) as c:
+        info = c.register(Namespace.from_dict(ns_doc), len(data))
+        res = c.reserve(info.ns, [key])
+        print(json.dumps({"slot": res.slots[0]}), flush=True)
+        sys.stdin.readline()  # stalls here, past its lease, until told to write
+        with ArenaView.open(info.arena["path"]) as arena:
+            arena.payload(res.slots[0], len(data))[:] = data
+        print(json.dumps({"committed": c.commit(res.lease)}), flush=True)
+    """
+)
+
+
+def wait_for(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def write_and_commit(c: CacheClient, arena: ArenaView, ns: str, key: bytes, data: bytes):
+    res = c.reserve(ns, [key])
+    slot = res.slots[0]
+    assert slot is not None
+    arena.payload(slot, len(data))[:] = data
+    return res, slot
+
+
+def test_late_writer_never_publishes_into_another_key(tmp_path: Path) -> None:
+    svc = start_service(tmp_path / "svc", extra=["--lease-ms", "1000"])
+    ns = make_namespace()
+    k1, k2, k3 = make_keys(ns, 3, seed=1)
+    d1, d2, d3 = make_blocks(3, seed=1)
+    with svc.client() as c:
+        info = c.register(ns, BLOCK_BYTES)
+        w1 = subprocess.Popen(
+            [sys.executable, "-c", LATE_WRITER, str(REPO), svc.url,
+             json.dumps(ns.to_dict()), k1.hex(), d1.hex()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            s1 = json.loads(w1.stdout.readline())["slot"]
+            wait_for(lambda: c.stats()["leases"] == 0)  # W1's lease expired: slot aborted
+            assert c.stats()["cooling_slots"] >= 1
+            with ArenaView.open(info.arena["path"]) as arena:
+                # While it cools, W1's slot goes to nobody else.
+                res2, s2 = write_and_commit(c, arena, info.ns, k2, d2)
+                assert s2 != s1
+                assert c.commit(res2.lease, checksums=[xxhash.xxh3_64_intdigest(d2)]) == 1
+                # After cooling the slot is reused; W1 wakes up and scribbles over it.
+                wait_for(lambda: c.stats()["cooling_slots"] == 0)
+                res3, s3 = write_and_commit(c, arena, info.ns, k3, d3)
+                assert s3 == s1, "the scenario needs W1's slot to be reused"
+                w1.stdin.write("go\n")
+                w1.stdin.flush()
+                assert json.loads(w1.stdout.readline())["committed"] == 0
+                assert bytes(arena.payload(s3, BLOCK_BYTES)) == d1  # the late write landed
+                # ... and the commit that names what W2 wrote refuses to publish it.
+                assert c.commit(res3.lease, checksums=[xxhash.xxh3_64_intdigest(d3)]) == 0
+            got = c.get_blocks(info.ns, [k1, k2, k3], prefix=False)
+            assert got.present == [False, True, False] and got.data == d2
+            assert c.stats()["fenced"] == 1
+        finally:
+            w1.kill()
+            w1.wait()
+    svc.stop()
+
+
+def test_expired_reader_slot_cools_before_reuse(tmp_path: Path) -> None:
+    # 16 slots: filling the arena evicts the leased block once its lease is gone.
+    svc = start_service(tmp_path / "svc", extra=["--lease-ms", "800", "--arena-bytes", "64KiB"])
+    ns = make_namespace()
+    keys, blocks = make_keys(ns, 1, seed=2), make_blocks(1, seed=2)
+    with svc.client() as c:
+        info = c.register(ns, BLOCK_BYTES)
+        assert c.put_blocks(info.ns, keys, blocks[0]) == 1
+        acq = c.acquire(info.ns, keys)  # a reader that then stalls past its lease
+        wait_for(lambda: c.stats()["leases"] == 0)
+        other = make_namespace()
+        filler = make_keys(other, 40, seed=3)
+        info2 = c.register(other, BLOCK_BYTES)
+        for i, key in enumerate(filler):  # push the old block out of the 16-slot arena
+            res = c.reserve(info2.ns, [key], parent=filler[i - 1] if i else b"\0" * 16)
+            assert acq.slots[0] not in res.slots, "a slot whose reader may still copy reused"
+            if res.lease:
+                c.commit(res.lease)
+        assert c.stats()["cooling_slots"] >= 1 or c.lookup(info.ns, keys).hits == 1
+    svc.stop()
