@@ -96,8 +96,9 @@ class PrefixTree:
             return MatchResult(0, [])
         nodes = list(map(get, keys[:h]))
         # Every node's parent is the previous one: keys[:h] is a real path from the root (or
-        # from a chunk's stub).
-        if list(map(_PARENT, nodes[1:])) == nodes[:-1]:
+        # from a chunk's stub). A key list that is no chain (a client may send anything) can
+        # fool the binary search: then nodes hold gaps, and the plain walk decides.
+        if None not in nodes and list(map(_PARENT, nodes[1:])) == nodes[:-1]:
             return MatchResult(h, list(map(_FASTEST, nodes)))
         return self._walk(keys)
 

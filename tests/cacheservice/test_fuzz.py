@@ -51,7 +51,8 @@ def fields(ns_id: str) -> st.SearchStrategy[dict]:
         "keys": keys | value,
         "parent": key | value,
         "chunk": key,
-        "data": st.sampled_from([b"", b"".join(BLOCKS[:2]), BLOCKS[0][:-1]]) | st.binary(max_size=64),
+        "data": st.sampled_from([b"", b"".join(BLOCKS[:2]), BLOCKS[0][:-1]])
+        | st.binary(max_size=64),
         "lease": st.text(max_size=20) | value,
         "lease_ms": st.integers(-5, 10**10) | value,
         "ok": st.lists(st.booleans(), max_size=8) | value,

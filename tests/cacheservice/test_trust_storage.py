@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
 
@@ -24,7 +25,7 @@ from tests.cacheservice.conftest import (
     start_service,
 )
 from tests.processes import start_redis
-from tiers.base import BlockMeta, encode_block
+from tiers.base import FLAG_MANIFEST, BlockMeta, encode_block
 
 
 def plant_file(disk: Path, meta: BlockMeta, payload: bytes) -> None:
@@ -257,3 +258,27 @@ def test_lookup_never_waits_on_a_stalled_redis(tmp_path: Path, how: str) -> None
             server.proc.send_signal(signal.SIGCONT)
         svc.stop(signal.SIGKILL)
         server.kill()
+
+
+def test_start_up_counts_what_it_removes(tmp_path: Path) -> None:
+    svc = start_service(tmp_path / "svc")
+    assert svc.stop() == 0
+    disk = tmp_path / "svc" / "disk"
+    odd = msgpack.packb({"kind": "from-the-future", "x": 1})
+    unknown = BlockMeta.for_payload(1, b"\x05" * 16, ROOT_KEY, odd, FLAG_MANIFEST)
+    plant_file(disk, unknown, odd)
+    payload = make_blocks(1, seed=6)[0]
+    torn = BlockMeta.for_payload(1, b"\x06" * 16, ROOT_KEY, payload)
+    plant_file(disk, torn, payload)
+    torn_path = disk / "06" / f"{torn.key.hex()}.blk"
+    torn_path.write_bytes(torn_path.read_bytes()[:-10])  # a file cut short by a crash
+    svc.start()
+    with svc.client() as c:
+        assert c.stats()["scan_removed"] == 1
+    assert not torn_path.exists()
+    deadline = time.monotonic() + 5
+    unknown_path = disk / "05" / f"{unknown.key.hex()}.blk"
+    while unknown_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not unknown_path.exists(), "a manifest nobody reads must not hold disk forever"
+    svc.stop()

@@ -229,3 +229,35 @@ def test_random_operations_keep_integrity():
     for handles in pins:
         tree.unpin_nodes(handles)
     tree.check_integrity()
+
+
+def test_insert_refuses_edges_that_break_the_tree():
+    a, b, c = make_keys(3)
+    tree = PrefixTree()
+    assert not tree.insert(a, a, "host", 1)  # its own parent
+    assert not tree.insert(a, ROOT_KEY, "host", 1)  # the root as a block
+    assert not tree.insert(ROOT_KEY, b"short", "host", 1)
+    assert tree.insert(a, b, "host", 1)  # b under a stub for a
+    assert tree.insert(b, c, "host", 1)
+    assert not tree.insert(b, a, "host", 1)  # a above b and below it: a cycle
+    assert not tree.insert(c, a, "host", 1)  # deeper cycle
+    assert len(tree) == 2 and tree.get(a) is None
+    tree.check_integrity()
+    assert tree.insert(ROOT_KEY, a, "host", 1)  # the honest edge still works
+    assert tree.match([a, b, c]).length == 3
+    tree.check_integrity()
+
+
+def test_random_hostile_edges_never_loop():
+    rng = random.Random(7)
+    keys = make_keys(12)
+    tree = PrefixTree()
+    for _ in range(3000):
+        parent = rng.choice([ROOT_KEY, *keys])
+        key = rng.choice(keys)
+        if rng.random() < 0.8:
+            tree.insert(parent, key, rng.choice(["host", "disk"]), 1)
+        else:
+            tree.remove_tier(key, rng.choice(["host", "disk"]))
+        tree.match(rng.sample(keys, 4))
+    tree.check_integrity()
