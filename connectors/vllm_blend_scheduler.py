@@ -23,6 +23,7 @@ from cacheservice.client import DEFAULT_URL, CacheClient
 from cacheservice.errors import BadRequest, ServiceUnavailable
 from connectors.blend.chunking import Chunk, from_separators, from_spans
 from connectors.blend.recompute import FirstK, NoRecompute, Policy, TopRatio
+from connectors.identity import weights_fingerprint
 from connectors.vllm_scheduler import Gate, scheduled
 from index.hashing import Namespace
 
@@ -109,8 +110,10 @@ def blend_shape(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Blen
     dtype = str(spec.dtype).removeprefix("torch.")
     # Chunk payloads are per-token K/V, not engine pages: the layout names only the geometry.
     layout = f"blend/tokens/kvh{spec.num_kv_heads}/d{spec.head_size}/L{len(layers)}"
-    model = vllm_config.model_config.model
-    ns = Namespace(model, dtype, layout, spec.block_size)
+    mc = vllm_config.model_config
+    model = mc.model
+    weights = weights_fingerprint(model, mc.revision, mc.hf_config.to_json_string())
+    ns = Namespace(f"{model}#w{weights}", dtype, layout, spec.block_size)
     return BlendShape(ns, model, layers, spec.num_kv_heads, spec.head_size, spec.block_size, dtype)
 
 
@@ -165,7 +168,7 @@ class BlendScheduler:
 
         self.s, self.shape = settings, shape
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
-        self.gate = Gate(settings.retry_s)
+        self.gate = Gate(settings.retry_s, self.client.health)
         geo = (len(shape.layers), shape.num_kv_heads, shape.head_size, shape.block_tokens)
         self.block_bytes = KVLayout(*geo, shape.dtype).block_bytes
         # One lookup thread: it alone sets _seed, so no lock is needed.

@@ -62,7 +62,7 @@ class BlendWorker:
     def __init__(self, settings: BlendSettings, shape: BlendShape, cache_dtype: str):
         self.s, self.shape, self.cache_dtype = settings, shape, cache_dtype
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
-        self.gate = Gate(settings.retry_s)
+        self.gate = Gate(settings.retry_s, self.client.health)
         geo = (len(shape.layers), shape.num_kv_heads, shape.head_size, shape.block_tokens)
         self.kv_layout = KVLayout(*geo, shape.dtype)
         self._store: ChunkStore | None = None

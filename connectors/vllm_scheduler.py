@@ -20,6 +20,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from cacheservice.client import DEFAULT_URL, CacheClient
 from cacheservice.errors import BadRequest, ServiceUnavailable, UnknownNamespace
+from connectors.gate import Gate
+from connectors.identity import vllm_kv_layout_tag, weights_fingerprint
 from index.hashing import ROOT_KEY, Namespace, prefix_keys
 
 if TYPE_CHECKING:
@@ -66,7 +68,6 @@ class CacheLayout:
 
 
 def cache_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> CacheLayout:
-    from vllm.platforms import current_platform
     from vllm.v1.kv_cache_interface import AttentionSpec
 
     groups = kv_cache_config.kv_cache_groups
@@ -77,36 +78,18 @@ def cache_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Cac
         )
     spec = groups[0].kv_cache_spec
     layers = tuple(groups[0].layer_names)
-    layout = (
-        f"vllm/{current_platform.device_type}/{kv_cache_config.kv_cache_layout or 'default'}"
-        f"/kvh{spec.num_kv_heads}/d{spec.head_size}/L{len(layers)}"
-    )
+    kernel = vllm_kv_layout_tag(vllm_config, spec, kv_cache_config.kv_cache_layout)
+    layout = f"{kernel}/kvh{spec.num_kv_heads}/d{spec.head_size}/L{len(layers)}"
     tp = vllm_config.parallel_config.tensor_parallel_size
-    model = vllm_config.model_config.model
+    mc = vllm_config.model_config
+    weights = weights_fingerprint(mc.model, mc.revision, mc.hf_config.to_json_string())
+    model = f"{mc.model}#w{weights}"
     dtype = str(spec.dtype).removeprefix("torch.")
     namespaces = tuple(
         Namespace(model, dtype, layout, spec.block_size, tp_rank=r, tp_size=tp) for r in range(tp)
     )
     page = spec.page_size_bytes
     return CacheLayout(namespaces, page * len(layers), layers, page, spec.block_size)
-
-
-class Gate:
-    """Skips the service for ``retry_s`` after a failure, so a down or hung service costs one
-    timeout, not one per step."""
-
-    def __init__(self, retry_s: float):
-        self.retry_s = retry_s
-        self._closed_until = 0.0
-
-    @property
-    def open(self) -> bool:
-        return time.monotonic() >= self._closed_until
-
-    def failed(self, why: Exception) -> None:
-        if self.open:
-            log.warning("cacheservice unavailable, recomputing for %.1fs: %s", self.retry_s, why)
-        self._closed_until = time.monotonic() + self.retry_s
 
 
 class _Blocks(Protocol):
@@ -174,7 +157,7 @@ class SchedulerSide:
     def __init__(self, settings: Settings, layout: CacheLayout):
         self.s, self.layout = settings, layout
         self.client = CacheClient(settings.url, settings.token, timeout=settings.lookup_timeout_s)
-        self.gate = Gate(settings.retry_s)
+        self.gate = Gate(settings.retry_s, self.client.health)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cs-lookup")
         self._registered = False
         self._reqs: dict[str, _Request] = {}
@@ -214,6 +197,7 @@ class SchedulerSide:
             st.lookup = self._pool.submit(self._lookup, st.keys[0])
         try:
             st.hits = st.lookup.result(timeout=self.s.lookup_wait_s)
+            self.gate.succeeded()
         except futures.TimeoutError:
             if time.monotonic() < st.deadline:
                 return None  # vLLM asks again next step; the step loop goes on
@@ -278,11 +262,15 @@ class SchedulerSide:
         return meta
 
     def blocks_failed(self, block_ids: set[int]) -> None:
-        """Loads of these engine blocks failed: vLLM recomputes them, so they may be saved."""
+        """Loads of these engine blocks failed: vLLM recomputes them, so they may be saved, and
+        the request's hit ends before the first of them. Asked again (vLLM resets the request
+        to the failed block), it must not be promised the same failing blocks: that loop is
+        a livelock while the service is down or the block stays corrupt."""
         for st in self._reqs.values():
             bad = [i for i, b in enumerate(st.block_ids[: st.planned]) if b in block_ids]
             if bad:
                 st.planned = bad[0]
+                st.hits = min(st.hits if st.hits is not None else bad[0], bad[0])
 
     def request_finished(self, request) -> None:
         self._reqs.pop(request.request_id, None)

@@ -38,6 +38,21 @@ from tiers.host import ArenaView
 log = logging.getLogger("cacheservice.connectors.vllm")
 
 
+def block_major(cache: torch.Tensor, num_blocks: int, name: str) -> torch.Tensor:
+    """The layer's cache with engine blocks on dim 0, as vLLM declares it: a layer view is the
+    logical ``[B, H, N, C]`` (``vllm.v1.kv_cache_interface.create_kv_cache_views``), B being
+    ``num_blocks`` times the kernel blocks per manager block (``group_kernel_blocks``). The
+    axis is never guessed from sizes: another dimension may equal ``num_blocks`` by chance."""
+    if cache.dim() < 2 or cache.shape[0] % num_blocks:
+        raise BadRequest(
+            f"layer {name} cache {tuple(cache.shape)} does not have vLLM's block-major layout "
+            f"(dim 0 a multiple of num_blocks={num_blocks}): this vLLM is not supported"
+        )
+    if cache.shape[0] == num_blocks:
+        return cache
+    return cache.unflatten(0, (num_blocks, -1))
+
+
 class _Arena:
     """The service's arena mapped in this process; remapped when the service recreated it."""
 
@@ -93,7 +108,7 @@ class WorkerSide:
         self.layout, self.rank, self.num_blocks = layout, tp_rank, num_blocks
         self.ns = layout.namespaces[tp_rank]
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
-        self.gate = Gate(settings.retry_s)
+        self.gate = Gate(settings.retry_s, self.client.health)
         self._layers: list[tuple[torch.Tensor, int]] = []  # (kv tensor, its block dimension)
         self._arena: _Arena | None = None
         self._arena_lock = threading.Lock()
@@ -105,17 +120,15 @@ class WorkerSide:
         missing = [name for name in self.layout.layers if name not in kv_caches]
         assert not missing, f"KV caches missing for layers {missing}"
         for name in self.layout.layers:
-            t = kv_caches[name]
-            dims = [d for d, n in enumerate(t.shape) if n == self.num_blocks]
-            assert dims, f"layer {name} {tuple(t.shape)} has no dimension of {self.num_blocks}"
-            block = t.select(dims[0], 0)
+            t = block_major(kv_caches[name], self.num_blocks, name)
+            block = t.select(0, 0)
             nbytes = block.numel() * block.element_size()
             if nbytes != self.layout.layer_bytes:
                 raise BadRequest(
                     f"layer {name} holds {nbytes} bytes per block, the KV spec says "
                     f"{self.layout.layer_bytes}: this KV cache layout is not supported"
                 )
-            self._layers.append((t, dims[0]))
+            self._layers.append((t, 0))
 
     # -- the data plane -------------------------------------------------------------------
 

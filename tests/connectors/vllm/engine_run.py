@@ -7,7 +7,8 @@ Tests start it as a subprocess (vLLM state does not reset in-process)::
 Spec keys: model, prompts (token id lists, generated one after another), max_tokens,
 url (absent: no connector), extra (kv_connector_extra_config), prefix_caching,
 block_size, kv_cache_bytes, max_model_len; before / after: {"i": path} to wait for a file
-before prompt i / create it after prompt i (to interleave two engines).
+before prompt i / create it after prompt i (to interleave two engines); batch: true to send
+all prompts in one generate call, with ``started`` a file created right before it.
 Output line: ``RESULT {"outputs": [{"tokens", "cached", "total_s"}], "worker": {stats}}``.
 """
 
@@ -86,6 +87,22 @@ def run(spec: dict) -> dict:
     llm = make_llm(spec)
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0, ignore_eos=True)
     outputs = []
+    if spec.get("batch"):
+        if spec.get("started"):
+            open(spec["started"], "w").close()
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params,
+                            use_tqdm=False)  # fmt: skip
+        total = time.perf_counter() - start
+        for out in outs:
+            outputs.append(
+                {
+                    "tokens": list(out.outputs[0].token_ids),
+                    "cached": out.num_cached_tokens or 0,
+                    "total_s": total,
+                }  # fmt: skip
+            )
+        return {"outputs": outputs, "worker": worker_stats()}
     for i, prompt in enumerate(spec["prompts"]):
         wait_for(spec.get("before", {}).get(str(i)))
         start = time.perf_counter()

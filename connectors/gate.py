@@ -1,0 +1,82 @@
+"""The circuit breaker every connector puts in front of the service.
+
+A cache must never slow the engine down by more than it saves. After a failed or timed-out
+call the gate closes: callers treat the service as a miss without touching it. Once the
+back-off has passed, the next caller does not pay for finding out whether the service is
+back: a background health probe (one at a time, on its own short timeout) decides, and only a
+successful probe opens the gate again. Consecutive failures double the back-off up to
+``max_retry_s``, so a service that stays dead or hung costs a few probes a minute and no
+request latency at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("cacheservice.connectors")
+
+
+class Gate:
+    def __init__(
+        self,
+        retry_s: float,
+        probe: Callable[[], bool] | None = None,
+        max_retry_s: float = 30.0,
+    ):
+        self.retry_s = retry_s
+        self.max_retry_s = max(max_retry_s, retry_s)
+        self._probe = probe
+        self._backoff = retry_s
+        self._closed_until = 0.0
+        self._closed = False
+        self._probing = False
+        self._lock = threading.Lock()
+        self.failures = 0
+
+    @property
+    def open(self) -> bool:
+        if not self._closed:
+            return True
+        if time.monotonic() < self._closed_until:
+            return False
+        if self._probe is None:
+            return True  # half-open: the next call is the probe
+        with self._lock:
+            if not self._probing:
+                self._probing = True
+                threading.Thread(target=self._run_probe, name="cs-probe", daemon=True).start()
+        return False
+
+    def _run_probe(self) -> None:
+        try:
+            ok = bool(self._probe())
+        except Exception:
+            ok = False
+        with self._lock:
+            self._probing = False
+        if ok:
+            self.succeeded()
+        else:
+            self._close()
+
+    def succeeded(self) -> None:
+        if self._closed:
+            log.info("cacheservice reachable again")
+        self._closed = False
+        self._backoff = self.retry_s
+
+    def failed(self, why: Exception) -> None:
+        self.failures += 1
+        if not self._closed:
+            log.warning("cacheservice unavailable, recomputing for %.1fs: %s", self.retry_s, why)
+        self._close()
+
+    def _close(self) -> None:
+        was = self._closed
+        self._closed = True
+        self._closed_until = time.monotonic() + self._backoff
+        if was:
+            self._backoff = min(self._backoff * 2, self.max_retry_s)

@@ -1,0 +1,146 @@
+"""What an engine must never see from the connector: a livelock on a failing load, a service
+that dies mid-batch stalling the batch, KV of other weights or another kernel layout. Real
+vLLM CPU engines in subprocesses beside a real service."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from connectors.identity import weights_fingerprint
+from connectors.vllm_worker import block_major
+from index.hashing import Namespace, prefix_keys
+from tests.connectors.vllm.conftest import BLOCK_TOKENS, run_engine, start_engine, wait_engine
+from tests.connectors.vllm.tiny_model import make_tiny_llama
+from tiers.host import ArenaView
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+MAX_TOKENS = 6
+
+
+def prompts(n: int, blocks: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 480, blocks * BLOCK_TOKENS + 7).tolist() for _ in range(n)]
+
+
+def spec(model: str, ps: list[list[int]], url: str | None = None, **kw) -> dict:
+    return {"model": model, "prompts": ps, "max_tokens": MAX_TOKENS, "url": url, **kw}
+
+
+def corrupt_slot(service, ns: Namespace, block_bytes: int, key: bytes) -> None:
+    with service.client() as client:
+        acq = client.acquire(ns.id, [key])
+        info = client.register(ns, block_bytes)
+        with ArenaView.open(info.arena["path"]) as arena:
+            view = arena.payload(acq.slots[0], acq.lengths[0])
+            view[10:18] = bytes(8) if bytes(view[10:18]) != bytes(8) else b"\xff" * 8
+            del view
+        client.release(acq.lease)
+
+
+def test_corrupt_first_block_is_recomputed_without_a_livelock(tiny_llama, service, tmp_path):
+    (prompt,) = prompts(1, 4, seed=11)
+    ref = run_engine(spec(tiny_llama.path, [prompt]), tmp_path / "ref.log")
+    store = run_engine(spec(tiny_llama.path, [prompt], service.url), tmp_path / "store.log")
+    ns = Namespace.from_dict(store["worker"]["namespace"])
+    corrupt_slot(service, ns, store["worker"]["block_bytes"], prefix_keys(prompt, ns.seed, 32)[0])
+    start = time.monotonic()
+    res = run_engine(spec(tiny_llama.path, [prompt, prompt], service.url), tmp_path / "2.log")
+    assert time.monotonic() - start < 120
+    assert [o["tokens"] for o in res["outputs"]] == [ref["outputs"][0]["tokens"]] * 2
+    # The failing block is reported once per request, not once per scheduler step.
+    assert res["worker"]["failed_blocks"] <= 8, res["worker"]
+
+
+@pytest.mark.parametrize("kill_after_s", [0.0, 0.15])
+def test_service_killed_mid_batch_finishes_with_correct_outputs(
+    tiny_llama, make_llm_service, tmp_path, kill_after_s
+):
+    batch = prompts(6, 4, seed=12)
+    ref = run_engine(spec(tiny_llama.path, batch, batch=True), tmp_path / "ref.log")
+    service = make_llm_service("svc")
+    run_engine(spec(tiny_llama.path, batch, service.url, batch=True), tmp_path / "store.log")
+    started = tmp_path / "started"
+    proc = start_engine(
+        spec(tiny_llama.path, batch, service.url, batch=True, started=str(started)),
+        tmp_path / "hit.log",
+    )
+
+    def kill() -> None:
+        while not started.exists():
+            time.sleep(0.005)
+        time.sleep(kill_after_s)
+        service.proc.kill()
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    start = time.monotonic()
+    res = wait_engine(proc, tmp_path / "hit.log", timeout=120)
+    killer.join()
+    assert time.monotonic() - start < 90
+    assert [o["tokens"] for o in res["outputs"]] == [o["tokens"] for o in ref["outputs"]]
+
+
+def test_weights_replaced_in_place_never_hit_old_kv(service, tmp_path):
+    path = tmp_path / "model"
+    make_tiny_llama(str(path), seed=1)
+    (prompt,) = prompts(1, 4, seed=13)
+    first = run_engine(spec(str(path), [prompt], service.url), tmp_path / "1.log")
+    assert first["worker"]["saved_blocks"] == 4
+    fp = weights_fingerprint(str(path))
+    shutil.rmtree(path)
+    make_tiny_llama(str(path), seed=2)  # same path, same shapes and sizes, new weights
+    assert weights_fingerprint(str(path)) != fp
+    ref = run_engine(spec(str(path), [prompt]), tmp_path / "ref.log")
+    again = run_engine(spec(str(path), [prompt], service.url), tmp_path / "2.log")
+    assert again["outputs"][0]["cached"] == 0
+    assert again["outputs"][0]["tokens"] == ref["outputs"][0]["tokens"]
+
+
+def test_fingerprint_sees_a_changed_sample_at_equal_size(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8))
+    (model / "model.safetensors").write_bytes(bytes(data))
+    fp = weights_fingerprint(str(model))
+    assert weights_fingerprint(str(model)) == fp  # stable
+    data[(1 << 20) // 3 + 5] ^= 1
+    (model / "model.safetensors").write_bytes(bytes(data))
+    assert weights_fingerprint(str(model)) != fp
+
+
+def test_kernel_layout_is_part_of_the_namespace(monkeypatch):
+    """bf16 KV written by the AMX kernels has another in-cache tiling than the vec kernels':
+    the two engines get different layout tags, hence different namespaces (0 hits)."""
+    from types import SimpleNamespace
+
+    import vllm.v1.attention.backends.cpu_attn as cpu_attn
+
+    from connectors.identity import vllm_kv_layout_tag
+
+    cfg = SimpleNamespace(cache_config=SimpleNamespace(cache_dtype="auto"))
+    kv = SimpleNamespace(dtype=torch.bfloat16, block_size=32, head_size=64)
+    tags = {}
+    for isa in ("amx", "vec"):
+        monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *a, isa=isa: isa)
+        tags[isa] = vllm_kv_layout_tag(cfg, kv, None)
+    assert tags["amx"] != tags["vec"] and "amx" in tags["amx"]
+    seeds = {Namespace("m", "bfloat16", t, 32).seed for t in tags.values()}
+    assert len(seeds) == 2
+
+
+def test_block_axis_is_declared_not_guessed():
+    # 8 blocks whose second dimension is also 8: the block axis is dim 0, as vLLM declares.
+    cache = torch.arange(8 * 8 * 4 * 2, dtype=torch.float32).reshape(8, 8, 4, 2)
+    assert block_major(cache, 8, "l").data_ptr() == cache.data_ptr()
+    assert torch.equal(block_major(cache, 8, "l")[3], cache[3])
+    split = torch.zeros(16, 2, 4, 2)  # 2 kernel blocks per engine block
+    assert block_major(split, 8, "l").shape == (8, 2, 2, 4, 2)
+    with pytest.raises(Exception, match="block-major"):
+        block_major(torch.zeros(5, 8, 4), 8, "l")
