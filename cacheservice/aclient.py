@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -18,7 +17,7 @@ from cacheservice.calls import (
     split_url,
 )
 from cacheservice.errors import ServiceUnavailable
-from cacheservice.service import (
+from cacheservice.results import (
     AcquireResult,
     GetBlocksResult,
     LookupResult,
@@ -60,7 +59,7 @@ class AsyncCacheClient:
         try:
             async with self._get_session().request(method, self._base + path, data=body) as r:
                 return r.status, await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise ServiceUnavailable(f"cannot reach cacheservice at {self.url}: {e!r}") from None
 
     async def _do(self, call: Call) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from cacheservice.protocol import CONTENT_TYPE, error_for, join_keys, pack, split_keys, unpack
-from cacheservice.service import (
+from cacheservice.results import (
     AcquireResult,
     GetBlocksResult,
     LookupResult,

@@ -14,7 +14,6 @@ import socket
 import threading
 from typing import Any
 
-from cacheservice.aclient import AsyncCacheClient
 from cacheservice.calls import (
     DEFAULT_URL,
     Call,
@@ -25,7 +24,7 @@ from cacheservice.calls import (
     split_url,
 )
 from cacheservice.errors import ServiceUnavailable
-from cacheservice.service import (
+from cacheservice.results import (
     AcquireResult,
     GetBlocksResult,
     LookupResult,
@@ -36,6 +35,15 @@ from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
 
 __all__ = ["DEFAULT_URL", "AsyncCacheClient", "CacheClient"]
+
+
+def __getattr__(name: str):
+    # AsyncCacheClient needs aiohttp; an engine's connector using the sync client does not.
+    if name == "AsyncCacheClient":
+        from cacheservice.aclient import AsyncCacheClient
+
+        return AsyncCacheClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Connection(http.client.HTTPConnection):

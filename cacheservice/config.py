@@ -10,14 +10,10 @@ import difflib
 import logging
 import os
 import re
+import tomllib  # Python 3.11+ (pyproject's requires-python)
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+
-    tomllib = None  # type: ignore[assignment]
 
 from tiers.base import HEADER_BYTES
 
@@ -185,8 +181,6 @@ def _coerce(name: str, value: Any) -> Any:
 
 def read_toml(path: str) -> dict[str, Any]:
     """Settings from a TOML file: top-level keys, or a ``[cacheservice]`` table."""
-    if tomllib is None:
-        raise ConfigError("--config needs Python 3.11+ (tomllib); pass settings as flags instead")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from cacheservice.errors import BadRequest, Overloaded
+from cacheservice.results import AcquireResult, ReserveResult
 from index.hashing import Namespace
 from index.radix import Node, PrefixTree
 from tiers.base import BlockMeta, checksum
@@ -35,20 +36,6 @@ from tiers.stack import TierStack
 
 log = logging.getLogger("cacheservice.service")  # the name operators already filter on
 OFFLOOP_CHECKSUM_BYTES = 4 << 20  # checksum bigger batches in a worker thread
-
-
-@dataclass(frozen=True)
-class AcquireResult:
-    lease: str
-    slots: list[int]
-    checksums: list[int]
-    lengths: list[int]
-
-
-@dataclass(frozen=True)
-class ReserveResult:
-    lease: str
-    slots: list[int | None]
 
 
 @dataclass

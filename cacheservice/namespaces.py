@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import msgpack
 import xxhash
 
 from cacheservice.errors import BadRequest, NamespaceConflict, TooLarge, UnknownNamespace
+from cacheservice.results import NamespaceInfo
 from index.hashing import ROOT_KEY, Namespace
 from tiers.base import FLAG_MANIFEST, BlockMeta
 from tiers.host import HostTier
@@ -23,14 +23,6 @@ from tiers.stack import TierStack
 
 log = logging.getLogger("cacheservice.service")  # the name operators already filter on
 _NS_DOMAIN = b"cacheservice/namespace\x00"
-
-
-@dataclass(frozen=True)
-class NamespaceInfo:
-    ns: str
-    seed: int
-    block_bytes: int
-    arena: dict
 
 
 def namespace_manifest_key(seed: int) -> bytes:

@@ -161,8 +161,9 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[METRICS_KEY].render(_svc(request).stats())
-    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_TYPE})
+    return web.Response(
+        body=request.app[METRICS_KEY].render(), headers={"Content-Type": METRICS_TYPE}
+    )
 
 
 def _endpoint(request: web.Request) -> str:
@@ -272,7 +273,7 @@ def create_app(config: ServiceConfig) -> web.Application:
         middlewares.append(auth_middleware(token))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
-    app[METRICS_KEY] = Metrics()
+    app[METRICS_KEY] = Metrics(lambda: app[SERVICE_KEY].stats() if SERVICE_KEY in app else None)
     app.cleanup_ctx.append(_service_ctx)
     app.add_routes(routes)
     return app

@@ -15,12 +15,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from cacheservice.errors import BadRequest, TooLarge, WrongBlockSize
-from cacheservice.leases import AcquireResult, LeaseTable, ReserveResult, checksums
-from cacheservice.namespaces import NamespaceInfo, NamespaceRegistry
-from index.chunks import ChunkEntry, ChunkIndex, decode_entry, encode_entry
+from cacheservice.leases import LeaseTable, checksums
+from cacheservice.manifests import decode_entry, encode_entry
+from cacheservice.namespaces import NamespaceRegistry
+from cacheservice.results import (  # noqa: F401  (re-exported: callers import results here)
+    AcquireResult,
+    GetBlocksResult,
+    LookupResult,
+    NamespaceInfo,
+    ReserveResult,
+)
+from index.chunks import ChunkEntry, ChunkIndex
 from index.hashing import KEY_BYTES, ROOT_KEY, Namespace
 from index.radix import PrefixTree
 from tiers.base import BlockMeta, Tier
@@ -28,19 +36,6 @@ from tiers.host import HostTier
 from tiers.stack import TierStack
 
 log = logging.getLogger("cacheservice.service")
-
-
-@dataclass(frozen=True)
-class LookupResult:
-    hits: int
-    tiers: list[str]
-
-
-@dataclass(frozen=True)
-class GetBlocksResult:
-    count: int
-    data: bytes
-    present: list[bool]
 
 
 class CacheService:

@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import xxhash
 
+from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import CacheServiceError, ServiceUnavailable, TooLarge
-from tiers.host import ArenaView
 
 
 class Segment(NamedTuple):

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 import torch
 import xxhash
 
+from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, CacheServiceError, ServiceUnavailable, UnknownNamespace
 from connectors.vllm_scheduler import (
@@ -33,7 +34,6 @@ from connectors.vllm_scheduler import (
     SaveSpec,
     Settings,
 )
-from tiers.host import ArenaView
 
 log = logging.getLogger("cacheservice.connectors.vllm")
 

@@ -3,21 +3,15 @@ position that KV was computed.
 
 A chunk's blocks are ordinary blocks in the prefix tree, chained from the chunk key
 (index.hashing.chunk_block_keys); this index only adds the chunk's length and canonical start
-position. Entries persist as manifest blocks (flag tiers.base.FLAG_MANIFEST, key = chunk key,
-payload = msgpack of the entry) in the durable tiers, so a restarted service still knows its
-chunks.
+position. The service persists entries as manifest blocks (cacheservice/manifests.py), so a
+restarted service still knows its chunks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import msgpack
-
-from index.hashing import KEY_BYTES, ROOT_KEY
-from tiers.base import FLAG_MANIFEST, BlockMeta
-
-MANIFEST_KIND = "chunk"
+from index.hashing import KEY_BYTES
 
 
 @dataclass(frozen=True)
@@ -31,43 +25,6 @@ class ChunkEntry:
     def __post_init__(self) -> None:
         assert self.num_tokens > 0 and self.start_pos >= 0, "validated by the caller"
         assert all(len(k) == KEY_BYTES for k in self.keys), "block keys are 16 bytes"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A manifest block ready for Tier.put: header + payload."""
-
-    meta: BlockMeta
-    payload: bytes
-
-
-def encode_entry(ns: int, chunk: bytes, entry: ChunkEntry) -> Manifest:
-    payload = msgpack.packb(
-        {
-            "kind": MANIFEST_KIND,
-            "num_tokens": entry.num_tokens,
-            "start_pos": entry.start_pos,
-            "keys": b"".join(entry.keys),
-        },
-        use_bin_type=True,
-    )
-    return Manifest(BlockMeta.for_payload(ns, chunk, ROOT_KEY, payload, FLAG_MANIFEST), payload)
-
-
-def decode_entry(payload: bytes | memoryview) -> ChunkEntry | None:
-    """The entry a chunk manifest holds, or None when the payload is another manifest kind or
-    malformed (a damaged manifest only costs that chunk's reuse)."""
-    try:
-        d = msgpack.unpackb(payload, raw=False)
-        if not isinstance(d, dict) or d.get("kind") != MANIFEST_KIND:
-            return None
-        blob = d["keys"]
-        if len(blob) % KEY_BYTES:
-            return None
-        keys = [bytes(blob[i : i + KEY_BYTES]) for i in range(0, len(blob), KEY_BYTES)]
-        return ChunkEntry(int(d["num_tokens"]), int(d["start_pos"]), keys)
-    except (ValueError, KeyError, TypeError, AssertionError, msgpack.UnpackException):
-        return None
 
 
 class ChunkIndex:

@@ -24,6 +24,14 @@ assert HEADER_BYTES == 64, "header layout changed: bump CODEC_VERSION and fix re
 
 FLAG_MANIFEST = 1  # payload is index metadata (e.g. a chunk entry), not KV
 
+# The shared-memory arena's header (PROTOCOL.md, "Arena"): magic, version, slot_bytes,
+# num_slots, data_offset. The service writes it (tiers/host.py), clients read it
+# (cacheservice/arena.py).
+ARENA_MAGIC = b"CSAR"
+ARENA_VERSION = 1
+ARENA_HEADER_BYTES = 4096
+ARENA_HEADER = struct.Struct("<4sH2xQQQ")
+
 
 class CorruptBlock(Exception):
     """A stored block failed its header or checksum check. Tiers turn this into a miss."""

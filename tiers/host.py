@@ -23,21 +23,25 @@ import errno
 import fcntl
 import mmap
 import os
-import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 
 import numpy as np
 
-from cacheservice.errors import BadRequest, TooLarge
-from tiers.base import HEADER_BYTES, Block, BlockMeta, CorruptBlock, Tier
+from tiers.base import (
+    ARENA_HEADER,
+    ARENA_HEADER_BYTES,
+    ARENA_MAGIC,
+    ARENA_VERSION,
+    HEADER_BYTES,
+    Block,
+    BlockMeta,
+    CorruptBlock,
+    Tier,
+)
 
-ARENA_MAGIC = b"CSAR"
-ARENA_VERSION = 1
-ARENA_HEADER_BYTES = 4096
 DEFAULT_ARENA_PATH = "/dev/shm/cacheservice-arena"
-_ARENA = struct.Struct("<4sH2xQQQ")
 _NO_HEADER = bytes(HEADER_BYTES)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 
@@ -115,12 +119,12 @@ class HostTier(Tier):
     def __init__(self, path: str, capacity_bytes: int, slot_bytes: int) -> None:
         super().__init__()
         if slot_bytes <= HEADER_BYTES or slot_bytes % 4096:
-            raise BadRequest(
+            raise ArenaError(
                 f"slot_bytes={slot_bytes} must be a multiple of 4096 larger than the "
                 f"{HEADER_BYTES}-byte block header: round block_bytes + {HEADER_BYTES} up to 4096"
             )
         if capacity_bytes < slot_bytes:
-            raise BadRequest(
+            raise ArenaError(
                 f"host capacity {capacity_bytes} bytes holds no {slot_bytes}-byte slot: "
                 "raise the host capacity or lower slot_bytes"
             )
@@ -159,7 +163,7 @@ class HostTier(Tier):
             os.close(self._lock)
             raise
         _prefault(self._map)  # before the header: the arena holds nothing a zero could clobber
-        self._map[:ARENA_HEADER_BYTES] = _ARENA.pack(
+        self._map[:ARENA_HEADER_BYTES] = ARENA_HEADER.pack(
             ARENA_MAGIC, ARENA_VERSION, slot_bytes, self.num_slots, self.data_offset
         ).ljust(ARENA_HEADER_BYTES, b"\0")
         self._view = memoryview(self._map)
@@ -274,12 +278,11 @@ class HostTier(Tier):
     # -- Tier -------------------------------------------------------------------------------
 
     async def put(self, meta: BlockMeta, payload: bytes | memoryview) -> bool:
+        """False when the arena is full, or the block is longer than a slot (a lower tier
+        written under a larger --slot-bytes): a refusal, never an error."""
         assert meta.length == len(payload), "meta.length must equal the payload length"
         if meta.length > self.max_payload:
-            raise TooLarge(
-                f"block of {meta.length} bytes exceeds the arena slot payload "
-                f"{self.max_payload}: raise the arena slot_bytes"
-            )
+            return False
         if meta.key in self._slots:
             return True
         slot = self.alloc()
@@ -363,62 +366,3 @@ class HostTier(Tier):
             assert meta.key == key, f"slot {slot} holds {meta.key.hex()}, map says {key.hex()}"
             off = self._slot_offset(slot)
             assert BlockMeta.decode(self._map[off : off + HEADER_BYTES]) == meta, "header drift"
-
-
-class ArenaView:
-    """A client's mapping of the service's arena (another process on the same host). Reads
-    and writes payloads zero copy; never allocates slots and never unlinks the file."""
-
-    def __init__(self, path: str, mm: mmap.mmap, slot_bytes: int, num_slots: int, data_offset: int):
-        self.path = path
-        self.slot_bytes = slot_bytes
-        self.num_slots = num_slots
-        self.data_offset = data_offset
-        self.max_payload = slot_bytes - HEADER_BYTES
-        self._map = mm
-        self._view = memoryview(mm)
-
-    @classmethod
-    def open(cls, path: str) -> ArenaView:
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError as e:
-            raise BadRequest(
-                f"no arena at {path}: use the arena.path the service returned on register"
-            ) from e
-        try:
-            head = os.pread(fd, _ARENA.size, 0)
-            if len(head) < _ARENA.size:
-                raise BadRequest(f"{path} is too short to be a cacheservice arena")
-            magic, version, slot_bytes, num_slots, data_offset = _ARENA.unpack(head)
-            if magic != ARENA_MAGIC or version != ARENA_VERSION:
-                raise BadRequest(
-                    f"{path} is not a version-{ARENA_VERSION} cacheservice arena "
-                    f"(magic {magic!r}, version {version}): upgrade the client or service"
-                )
-            size = data_offset + num_slots * slot_bytes
-            if os.fstat(fd).st_size < size:
-                raise BadRequest(f"arena {path} is truncated: restart the service")
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        return cls(path, mm, slot_bytes, num_slots, data_offset)
-
-    def payload(self, slot: int, length: int | None = None) -> memoryview:
-        if not 0 <= slot < self.num_slots:
-            raise BadRequest(f"slot {slot} outside the arena's [0, {self.num_slots})")
-        n = self.max_payload if length is None else length
-        if not 0 <= n <= self.max_payload:
-            raise TooLarge(f"length {n} exceeds the slot payload {self.max_payload} bytes")
-        start = self.data_offset + slot * self.slot_bytes + HEADER_BYTES
-        return self._view[start : start + n]
-
-    def close(self) -> None:
-        self._view.release()
-        _close_map(self._map)
-
-    def __enter__(self) -> ArenaView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -30,10 +30,14 @@ _EPS = 1e-5
 
 
 def shared_dir() -> Path | None:
-    """``$CACHESERVICE_SHARED`` or ``<repo>/../shared``; None when neither holds the model."""
+    """Where the trained llama2.c model and the MuSiQue set live: ``$CACHESERVICE_SHARED``, or
+    the copies the repository ships in ``tests/assets``; None when neither holds the model."""
     env = os.environ.get("CACHESERVICE_SHARED")
-    root = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
-    return root if (root / MODEL_FILE).is_file() else None
+    repo = Path(__file__).resolve().parents[2]
+    for root in [Path(env)] if env else [repo / "tests" / "assets"]:
+        if (root / MODEL_FILE).is_file():
+            return root
+    return None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from cacheservice.arena import ArenaView
 from cacheservice.calls import headers as client_headers
 from cacheservice.client import AsyncCacheClient, CacheClient
 from cacheservice.config import ServiceConfig
@@ -30,7 +31,6 @@ from tests.cacheservice.conftest import (
     make_keys,
     make_namespace,
 )
-from tiers.host import ArenaView
 
 
 async def test_async_client_covers_every_endpoint(service: ServiceProcess) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import xxhash
 
+from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from tests.cacheservice.conftest import (
     BLOCK_BYTES,
@@ -22,7 +23,6 @@ from tests.cacheservice.conftest import (
     make_namespace,
     start_service,
 )
-from tiers.host import ArenaView
 
 LATE_WRITER = textwrap.dedent(
     """
@@ -30,7 +30,7 @@ LATE_WRITER = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from cacheservice.client import CacheClient
     from index.hashing import Namespace
-    from tiers.host import ArenaView
+    from cacheservice.arena import ArenaView
 
     url, ns_doc, key, data = sys.argv[2], json.loads(sys.argv[3]), bytes.fromhex(sys.argv[4]), \\
         bytes.fromhex(sys.argv[5])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import xxhash
 
+from cacheservice.arena import ArenaView
 from cacheservice.client import AsyncCacheClient, CacheClient
 from cacheservice.service import CacheService
 from index.hashing import ROOT_KEY
@@ -26,7 +27,6 @@ from tests.cacheservice.test_service import (
     make_keys,
     make_service,
 )
-from tiers.host import ArenaView
 
 
 def leased_bytes(svc: CacheService, slots: list[int], lengths: list[int]) -> list[bytes]:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from index.hashing import ROOT_KEY, chunk_block_keys, chunk_key
 from tests.cacheservice.conftest import (
@@ -18,7 +19,6 @@ from tests.cacheservice.conftest import (
     make_namespace,
 )
 from tiers.base import checksum
-from tiers.host import ArenaView
 
 
 def test_register_namespace_describes_the_arena(service: ServiceProcess, client) -> None:
@@ -126,7 +126,8 @@ def test_stats_count_hits_and_stores(client: CacheClient) -> None:
 
 
 def test_metrics_is_prometheus_text(client: CacheClient) -> None:
-    parser = pytest.importorskip("prometheus_client.parser")
+    from prometheus_client import parser
+
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
     client.lookup(info.ns, make_keys(ns, 2))
@@ -141,8 +142,14 @@ def test_metrics_is_prometheus_text(client: CacheClient) -> None:
     assert inf and all(s.value >= 1 for s in inf)
     blocks = {s.labels["tier"]: s.value for s in families["cacheservice_blocks"].samples}
     assert set(blocks) >= {"host", "disk"}
-    for name in ("hits", "misses", "stores", "evictions", "corrupt"):
+    stats = client.stats()
+    for name in ("hits", "misses", "stores", "evictions", "corrupt", "promotions",
+                 "written_down", "dropped", "io_error", "no_space", "fenced"):  # fmt: skip
         assert families[f"cacheservice_{name}"].type == "counter"
+    # every stats counter is exported, and the scrape reads the same numbers
+    assert families["cacheservice_stores"].samples[0].value == stats["stores"]
+    assert {s.labels["tier"] for s in families["cacheservice_fill_ratio"].samples} >= {"host"}
+    assert "cacheservice_hit_ratio" in families and "cacheservice_tier_errors" in families
 
 
 def test_restart_on_same_disk_still_hits(make_service) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from cacheservice.arena import ArenaView
 from cacheservice.errors import (
     BadRequest,
     NamespaceConflict,
@@ -17,7 +18,7 @@ from cacheservice.service import CacheService
 from index.hashing import ROOT_KEY, Namespace, chunk_block_keys, chunk_key, prefix_keys
 from tiers.base import HEADER_BYTES
 from tiers.disk import DiskTier
-from tiers.host import ArenaView, HostTier
+from tiers.host import HostTier
 
 BB = 1024  # block bytes
 SLOT = 4096

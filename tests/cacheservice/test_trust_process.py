@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import Unauthorized
 from tests.cacheservice.conftest import (
@@ -22,7 +23,6 @@ from tests.cacheservice.conftest import (
     start_service,
 )
 from tests.processes import free_port, run_serve, service_args
-from tiers.host import ArenaView
 
 
 def test_second_serve_on_a_busy_port_leaves_the_live_arena_alone(tmp_path: Path) -> None:

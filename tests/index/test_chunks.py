@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import msgpack
 
-from index.chunks import ChunkEntry, ChunkIndex, decode_entry, encode_entry
+from cacheservice.manifests import decode_entry, encode_entry
+from index.chunks import ChunkEntry, ChunkIndex
 from index.hashing import ROOT_KEY, chunk_block_keys, chunk_key
 from tiers.base import FLAG_MANIFEST
 

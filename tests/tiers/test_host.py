@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from cacheservice.errors import BadRequest, TooLarge
+from cacheservice.arena import ArenaView
+from cacheservice.errors import BadRequest
 from tests.tiers.conftest import make_meta, make_payload
 from tiers.base import HEADER_BYTES
-from tiers.host import ArenaView, HostTier
+from tiers.host import ArenaError, HostTier
 
 SLOT = 8192
 REPO = Path(__file__).resolve().parents[2]
@@ -69,13 +70,12 @@ async def test_full_arena_refuses(host: HostTier):
     host.check_integrity()
 
 
-async def test_oversized_block_is_a_typed_error(host: HostTier, tmp_path):
+async def test_oversized_block_is_refused_and_bad_geometry_a_typed_error(host, tmp_path):
     payload = make_payload(SLOT, seed=2)
-    with pytest.raises(TooLarge, match="slot_bytes"):
-        await host.put(make_meta(payload), payload)
-    with pytest.raises(BadRequest, match="multiple of 4096"):
+    assert await host.put(make_meta(payload), payload) is False  # a miss, never an error
+    with pytest.raises(ArenaError, match="multiple of 4096"):
         HostTier(str(tmp_path / "bad"), 10 * SLOT, 5000)
-    with pytest.raises(BadRequest, match="capacity"):
+    with pytest.raises(ArenaError, match="capacity"):
         HostTier(str(tmp_path / "bad"), 100, SLOT)
     host.check_integrity()
 
@@ -120,7 +120,7 @@ async def test_corrupt_slot_is_a_miss_and_freed(host: HostTier, where: str):
 
 CHILD = """
 import sys, xxhash
-from tiers.host import ArenaView
+from cacheservice.arena import ArenaView
 path, read_slot, read_len, write_slot = sys.argv[1], *map(int, sys.argv[2:5])
 with ArenaView.open(path) as view:
     print(xxhash.xxh3_64_intdigest(view.payload(read_slot, read_len)))

@@ -7,11 +7,11 @@ import pytest
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageExtraInfo
 
+from cacheservice.arena import ArenaView
 from cacheservice.errors import BadRequest
 from connectors.sglang import CacheServiceHiCacheStorage
 from connectors.sglang_io import ArenaTransport, HttpTransport
 from tests.connectors.sglang.conftest import HostPool, make_config, page_indices
-from tiers.host import ArenaView
 
 LAYOUTS = ["page_first", "layer_first"]
 

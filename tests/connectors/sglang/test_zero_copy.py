@@ -10,10 +10,10 @@ import pytest
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
 
+from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from connectors.sglang_io import ArenaTransport
 from tests.connectors.sglang.conftest import page_indices
-from tiers.host import ArenaView
 
 LAYOUTS = ["page_first", "layer_first"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cacheservice.arena import ArenaView
 from index.hashing import Namespace, prefix_keys
 from tests.connectors.vllm.conftest import (
     BLOCK_TOKENS,
@@ -18,7 +19,6 @@ from tests.connectors.vllm.conftest import (
     start_engine,
     wait_engine,
 )
-from tiers.host import ArenaView
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from cacheservice.arena import ArenaView
 from connectors.identity import weights_fingerprint
 from connectors.vllm_worker import block_major
 from index.hashing import Namespace, prefix_keys
 from tests.connectors.vllm.conftest import BLOCK_TOKENS, run_engine, start_engine, wait_engine
 from tests.connectors.vllm.tiny_model import make_tiny_llama
-from tiers.host import ArenaView
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 MAX_TOKENS = 6

@@ -1,0 +1,82 @@
+"""A client's mapping of the service's shared-memory arena (engines on the same host).
+
+The service owns the arena (tiers/host.py): it allocates slots and is the only one to create,
+truncate or unlink the file. A client maps it read/write, copies payloads into slots a reserve
+gave it and out of slots an acquire pinned for it, and never touches any other slot.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from cacheservice.errors import BadRequest, TooLarge
+from tiers.base import ARENA_HEADER, ARENA_MAGIC, ARENA_VERSION, HEADER_BYTES
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    # A caller may still hold a payload memoryview; the mapping then lives until that view
+    # and the mmap object are garbage collected, which unmaps it.
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
+class ArenaView:
+    """A client's mapping of the service's arena (another process on the same host). Reads
+    and writes payloads zero copy; never allocates slots and never unlinks the file."""
+
+    def __init__(self, path: str, mm: mmap.mmap, slot_bytes: int, num_slots: int, data_offset: int):
+        self.path = path
+        self.slot_bytes = slot_bytes
+        self.num_slots = num_slots
+        self.data_offset = data_offset
+        self.max_payload = slot_bytes - HEADER_BYTES
+        self._map = mm
+        self._view = memoryview(mm)
+
+    @classmethod
+    def open(cls, path: str) -> ArenaView:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError as e:
+            raise BadRequest(
+                f"no arena at {path}: use the arena.path the service returned on register"
+            ) from e
+        try:
+            head = os.pread(fd, ARENA_HEADER.size, 0)
+            if len(head) < ARENA_HEADER.size:
+                raise BadRequest(f"{path} is too short to be a cacheservice arena")
+            magic, version, slot_bytes, num_slots, data_offset = ARENA_HEADER.unpack(head)
+            if magic != ARENA_MAGIC or version != ARENA_VERSION:
+                raise BadRequest(
+                    f"{path} is not a version-{ARENA_VERSION} cacheservice arena "
+                    f"(magic {magic!r}, version {version}): upgrade the client or service"
+                )
+            size = data_offset + num_slots * slot_bytes
+            if os.fstat(fd).st_size < size:
+                raise BadRequest(f"arena {path} is truncated: restart the service")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(path, mm, slot_bytes, num_slots, data_offset)
+
+    def payload(self, slot: int, length: int | None = None) -> memoryview:
+        if not 0 <= slot < self.num_slots:
+            raise BadRequest(f"slot {slot} outside the arena's [0, {self.num_slots})")
+        n = self.max_payload if length is None else length
+        if not 0 <= n <= self.max_payload:
+            raise TooLarge(f"length {n} exceeds the slot payload {self.max_payload} bytes")
+        start = self.data_offset + slot * self.slot_bytes + HEADER_BYTES
+        return self._view[start : start + n]
+
+    def close(self) -> None:
+        self._view.release()
+        _close_map(self._map)
+
+    def __enter__(self) -> ArenaView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
