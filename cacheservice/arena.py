@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 
-from cacheservice.errors import BadRequest, TooLarge
+from cacheservice.errors import BadRequest, ServiceUnavailable, TooLarge
 from tiers.base import ARENA_HEADER, ARENA_MAGIC, ARENA_VERSION, HEADER_BYTES
 
 
@@ -29,6 +30,7 @@ class ArenaView:
 
     def __init__(self, path: str, mm: mmap.mmap, slot_bytes: int, num_slots: int, data_offset: int):
         self.path = path
+        self.ident: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file mapped
         self.slot_bytes = slot_bytes
         self.num_slots = num_slots
         self.data_offset = data_offset
@@ -58,9 +60,12 @@ class ArenaView:
             if os.fstat(fd).st_size < size:
                 raise BadRequest(f"arena {path} is truncated: restart the service")
             mm = mmap.mmap(fd, size)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
-        return cls(path, mm, slot_bytes, num_slots, data_offset)
+        view = cls(path, mm, slot_bytes, num_slots, data_offset)
+        view.ident = (st.st_dev, st.st_ino)
+        return view
 
     def payload(self, slot: int, length: int | None = None) -> memoryview:
         if not 0 <= slot < self.num_slots:
@@ -80,3 +85,45 @@ class ArenaView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def file_ident(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ServiceUnavailable(f"arena {path} is gone: {e}") from e
+    return st.st_dev, st.st_ino
+
+
+class ArenaClient:
+    """The arena file at ``path`` as it is now, for every connector. A restarted service
+    replaces the file; bytes written into the old mapping would never reach it, so
+    ``current`` remaps when the file changed, and ``is_current`` lets a writer re-check
+    after its reserve (the service answered from the new file). Old mappings are retired,
+    not unmapped: another thread may still be copying through one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._retired: list[ArenaView] = []
+        self._view = ArenaView.open(path)
+
+    def current(self) -> ArenaView:
+        ident = file_ident(self.path)
+        with self._lock:
+            if ident != self._view.ident:
+                self._retired.append(self._view)
+                self._view = ArenaView.open(self.path)
+            return self._view
+
+    def is_current(self, view: ArenaView) -> bool:
+        try:
+            return file_ident(self.path) == view.ident
+        except ServiceUnavailable:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            views, self._retired = [self._view, *self._retired], []
+        for view in views:
+            view.close()

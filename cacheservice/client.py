@@ -12,7 +12,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cacheservice.calls import (
     DEFAULT_URL,
@@ -33,6 +33,9 @@ from cacheservice.results import (
 )
 from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
+
+if TYPE_CHECKING:
+    from cacheservice.aclient import AsyncCacheClient
 
 __all__ = ["DEFAULT_URL", "AsyncCacheClient", "CacheClient"]
 

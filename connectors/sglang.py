@@ -33,6 +33,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, CacheServiceError, UnknownNamespace
+from connectors.settings import ExtraSettings
 from connectors.sglang_io import ArenaTransport, HttpTransport, Page, Segment, Transport
 from index.hashing import ROOT_KEY, Namespace
 
@@ -42,9 +43,12 @@ V1, FLAT = "v1", "flat"
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(ExtraSettings):
     """The backend's keys in ``--hicache-storage-backend-extra-config`` (besides SGLang's
     ``backend_name``/``module_path``/``class_name``/``interface_v1``)."""
+
+    SOURCE = "cacheservice extra_config"
+    SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 
     url: str = "http://127.0.0.1:8642"
     token: str | None = None
@@ -55,20 +59,14 @@ class Settings:
     retry_s: float = 1.0  # after a failed registration, calls are misses for this long
 
     @classmethod
-    def from_extra(cls, extra: dict | None) -> Settings:
-        extra = dict(extra or {})
-        for key in ("backend_name", "module_path", "class_name", "interface_v1"):
-            extra.pop(key, None)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(extra) - known)
-        if unknown:
+    def from_sglang(cls, extra: dict | None) -> Settings:
+        return cls.from_extra(extra, ignore=cls.SGLANG_KEYS)
+
+    def check(self) -> None:
+        if str(self.zero_copy) not in ("auto", "on", "off"):
             raise BadRequest(
-                f"unknown cacheservice extra_config keys {unknown}: use only {sorted(known)}"
+                f'extra_config zero_copy={self.zero_copy!r}: use "auto", "on" or "off"'
             )
-        s = cls(**extra)
-        if str(s.zero_copy) not in ("auto", "on", "off"):
-            raise BadRequest(f'extra_config zero_copy={s.zero_copy!r}: use "auto", "on" or "off"')
-        return s
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def _tensor_page(t: torch.Tensor) -> tuple[torch.Tensor, Page]:
 class CacheServiceHiCacheStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None):
         self.config = storage_config
-        self.settings = Settings.from_extra(storage_config.extra_config)
+        self.settings = Settings.from_sglang(storage_config.extra_config)
         self.interface_v1 = bool((storage_config.extra_config or {}).get("interface_v1", 0))
         self.model = self.settings.model or storage_config.model_name
         if not self.model:

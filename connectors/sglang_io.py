@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
-import threading
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import xxhash
 
-from cacheservice.arena import ArenaView
+from cacheservice.arena import ArenaClient, ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import CacheServiceError, ServiceUnavailable, TooLarge
 
@@ -112,39 +110,19 @@ class ArenaTransport(HttpTransport):
     def __init__(self, client: CacheClient, path: str) -> None:
         super().__init__(client)
         self.path = path
-        self._lock = threading.Lock()
-        self._retired: list[ArenaView] = []
-        self._view, self._ident, self._base = self._open()
+        self._arena = ArenaClient(path)
         self.pages_zero_copy = 0
         self.pages_http = 0
 
-    def _open(self) -> tuple[ArenaView, tuple[int, int], int]:
-        view = ArenaView.open(self.path)
-        st = os.stat(self.path)
+    def _current(self) -> tuple[ArenaView, int]:
+        """The mapping of the arena file now at ``path`` and its first payload's address."""
+        view = self._arena.current()
         first = view.payload(0, 1)
         anchor = ctypes.c_char.from_buffer(first)
         base = ctypes.addressof(anchor)
         del anchor
         first.release()
-        return view, (st.st_dev, st.st_ino), base
-
-    def _ident_now(self) -> tuple[int, int]:
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            raise ServiceUnavailable(f"arena {self.path} is gone: {e}") from e
-        return st.st_dev, st.st_ino
-
-    def _current(self) -> tuple[ArenaView, int, tuple[int, int]]:
-        """The mapping of the arena file now at ``path``: a restarted service may have
-        replaced it, and bytes written into the old mapping would never reach the service."""
-        ident = self._ident_now()
-        with self._lock:
-            if ident != self._ident:
-                # Another thread may still copy through the old mapping: retire, don't unmap.
-                self._retired.append(self._view)
-                self._view, self._ident, self._base = self._open()
-            return self._view, self._base, self._ident
+        return view, base
 
     def _slot_addr(self, view: ArenaView, base: int, slot: int, length: int) -> int:
         if length > view.max_payload:
@@ -153,11 +131,11 @@ class ArenaTransport(HttpTransport):
         return base + slot * view.slot_bytes
 
     def write(self, ns: str, keys: list[bytes], parent: bytes, pages: list[Page]) -> list[bool]:
-        view, base, ident = self._current()
+        view, base = self._current()
         res = self.client.reserve(ns, keys, parent)
         ok = [slot is not None for slot in res.slots]
         try:
-            if self._ident_now() != ident:
+            if not self._arena.is_current(view):
                 # The service restarted between our check and its answer: the slots it gave
                 # are in a file we have not mapped, so writing now would publish garbage.
                 raise ServiceUnavailable(f"arena {self.path} was replaced during a store")
@@ -183,7 +161,7 @@ class ArenaTransport(HttpTransport):
         return _settle(self.client, ns, keys)  # None slots: already stored, or no space
 
     def read(self, ns: str, keys: list[bytes], pages: list[Page]) -> int:
-        view, base, _ = self._current()
+        view, base = self._current()
         acq = self.client.acquire(ns, keys, flat=True)
         done = 0
         try:
@@ -209,7 +187,4 @@ class ArenaTransport(HttpTransport):
         return done + more
 
     def close(self) -> None:
-        with self._lock:
-            views, self._retired = [self._view, *self._retired], []
-        for view in views:
-            view.close()
+        self._arena.close()

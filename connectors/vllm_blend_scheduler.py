@@ -24,6 +24,7 @@ from cacheservice.errors import BadRequest, ServiceUnavailable
 from connectors.blend.chunking import Chunk, from_separators, from_spans
 from connectors.blend.recompute import FirstK, NoRecompute, Policy, TopRatio
 from connectors.identity import weights_fingerprint
+from connectors.settings import ExtraSettings
 from connectors.vllm_scheduler import Gate, scheduled
 from index.hashing import Namespace
 
@@ -40,7 +41,7 @@ POLICIES = ("first_k", "top_ratio", "none", "full")
 
 
 @dataclass(frozen=True)
-class BlendSettings:
+class BlendSettings(ExtraSettings):
     """``kv_connector_extra_config`` keys, all optional."""
 
     url: str = DEFAULT_URL
@@ -58,16 +59,6 @@ class BlendSettings:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise BadRequest(f"blend policy {self.policy!r} unknown: use one of {POLICIES}")
-
-    @classmethod
-    def from_extra(cls, extra: dict) -> BlendSettings:
-        unknown = set(extra) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise BadRequest(
-                f"unknown kv_connector_extra_config keys {sorted(unknown)}: "
-                f"use {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**extra)
 
 
 def make_policy(p: dict[str, Any]) -> Policy:

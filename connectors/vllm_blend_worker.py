@@ -21,8 +21,10 @@ import torch
 from cacheservice.client import CacheClient
 from cacheservice.errors import ServiceUnavailable
 from connectors import vllm_kv_layout as kvl
+from connectors.blend.chunking import segments
 from connectors.blend.recompute import ChunkKV, Segment, blend_prefill
 from connectors.blend.store import ChunkStore, KVLayout
+from connectors.gate import Gate
 from connectors.vllm_blend_scheduler import (
     BlendLoad,
     BlendMeta,
@@ -30,7 +32,6 @@ from connectors.vllm_blend_scheduler import (
     BlendShape,
     make_policy,
 )
-from connectors.vllm_scheduler import Gate
 from connectors.vllm_worker import Loads
 
 log = logging.getLogger("cacheservice.connectors.vllm_blend")
@@ -39,23 +40,7 @@ log = logging.getLogger("cacheservice.connectors.vllm_blend")
 def blend_segments(load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> list[Segment]:
     """Fresh and cached segments of ``load.tokens``; a chunk cut by the claim boundary keeps its
     cached head, a chunk that missed is computed, and the token after the claim is fresh."""
-    t = torch.tensor(load.tokens[: load.num_tokens + 1], dtype=torch.int64)
-    out: list[Segment] = []
-    at = 0
-    for c in load.chunks:
-        kv = cached.get(c.key)
-        end = min(c.end, load.num_tokens)
-        if kv is None or c.start < at:
-            continue
-        n = end - c.start
-        if c.start > at:
-            out.append(Segment(t[at : c.start]))
-        head = ChunkKV(kv.tokens[:n], kv.start_pos, [k[:n] for k in kv.keys],
-                       [v[:n] for v in kv.values])  # fmt: skip
-        out.append(Segment(t[c.start : end], head))
-        at = end
-    out.append(Segment(t[at:]))
-    return out
+    return segments(load.tokens[: load.num_tokens + 1], load.chunks, cached, load.num_tokens)
 
 
 class BlendWorker:

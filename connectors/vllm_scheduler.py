@@ -22,6 +22,7 @@ from cacheservice.client import DEFAULT_URL, CacheClient
 from cacheservice.errors import BadRequest, ServiceUnavailable, UnknownNamespace
 from connectors.gate import Gate
 from connectors.identity import vllm_kv_layout_tag, weights_fingerprint
+from connectors.settings import ExtraSettings
 from index.hashing import ROOT_KEY, Namespace, prefix_keys
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ log = logging.getLogger("cacheservice.connectors.vllm")
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(ExtraSettings):
     """``kv_connector_extra_config`` keys, all optional."""
 
     url: str = DEFAULT_URL
@@ -44,16 +45,6 @@ class Settings:
     lookup_wait_s: float = 0.02  # how long one scheduler step waits for a lookup
     lookup_timeout_s: float = 0.5  # a lookup not answered by then is a miss
     retry_s: float = 2.0  # after a failed call, the service is skipped this long
-
-    @classmethod
-    def from_extra(cls, extra: dict) -> Settings:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(extra) - known
-        if unknown:
-            raise BadRequest(
-                f"unknown kv_connector_extra_config keys {sorted(unknown)}: use {sorted(known)}"
-            )
-        return cls(**extra)
 
 
 @dataclass(frozen=True)

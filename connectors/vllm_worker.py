@@ -13,7 +13,6 @@ reuse the blocks, and commit them; the service skips blocks it already holds.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,7 +22,7 @@ from typing import Generic, TypeVar
 import torch
 import xxhash
 
-from cacheservice.arena import ArenaView
+from cacheservice.arena import ArenaClient, ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, CacheServiceError, ServiceUnavailable, UnknownNamespace
 from connectors.vllm_scheduler import (
@@ -51,21 +50,6 @@ def block_major(cache: torch.Tensor, num_blocks: int, name: str) -> torch.Tensor
     if cache.shape[0] == num_blocks:
         return cache
     return cache.unflatten(0, (num_blocks, -1))
-
-
-class _Arena:
-    """The service's arena mapped in this process; remapped when the service recreated it."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.view = ArenaView.open(path)
-        self.inode = os.stat(path).st_ino
-
-    def current(self) -> bool:
-        try:
-            return os.stat(self.path).st_ino == self.inode
-        except OSError:
-            return False
 
 
 S = TypeVar("S")
@@ -110,7 +94,7 @@ class WorkerSide:
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
         self.gate = Gate(settings.retry_s, self.client.health)
         self._layers: list[tuple[torch.Tensor, int]] = []  # (kv tensor, its block dimension)
-        self._arena: _Arena | None = None
+        self._arena: ArenaClient | None = None
         self._arena_lock = threading.Lock()
         self._loads: Loads[LoadSpec] = Loads("cs-load", self._finish_load)
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
@@ -134,10 +118,10 @@ class WorkerSide:
 
     def _arena_view(self) -> ArenaView:
         with self._arena_lock:
-            if self._arena is None or not self._arena.current():
+            if self._arena is None:
                 info = self.client.register(self.ns, self.layout.block_bytes)
-                self._arena = _Arena(info.arena["path"])
-            return self._arena.view
+                self._arena = ArenaClient(info.arena["path"])
+            return self._arena.current()  # remapped if a restarted service replaced the file
 
     def _copy_in(self, block_id: int, payload: memoryview) -> None:
         src = torch.frombuffer(payload, dtype=torch.uint8)

@@ -17,6 +17,7 @@ import numpy as np
 
 from tiers import pagecache
 from tiers.base import HEADER_BYTES, Block, BlockMeta, CorruptBlock
+from tiers.iovec import advance
 
 SUFFIX = ".blk"
 TMP_SUFFIX = ".tmp"
@@ -25,15 +26,6 @@ DIR_MODE = 0o700
 _tmp_ids = itertools.count()
 
 ReadOutcome = Block | None | CorruptBlock | OSError
-
-
-def advance(bufs: list[memoryview], n: int) -> None:
-    """Drop the first ``n`` bytes from a scatter/gather buffer list, in place (after a
-    partial ``writev``/``preadv``/``sendmsg``/``recv_into``)."""
-    while bufs and n >= len(bufs[0]):
-        n -= len(bufs.pop(0))
-    if bufs and n:
-        bufs[0] = bufs[0][n:]
 
 
 def write_file(
@@ -47,8 +39,9 @@ def write_file(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
         try:
             bufs = [memoryview(header), memoryview(payload).cast("B")]
-            while bufs:
-                advance(bufs, os.writev(fd, bufs))
+            at = 0
+            while at < len(bufs):
+                at = advance(bufs, at, os.writev(fd, bufs[at:]))
             if durable:
                 os.fsync(fd)
         finally:
@@ -86,14 +79,14 @@ def read_file(path: str, size: int, out: memoryview | None = None, flags: int = 
         header, payload = memoryview(bytearray(HEADER_BYTES)), out
     # one read fills header and payload; the spare byte detects a file longer than recorded
     bufs = [header, payload, memoryview(bytearray(1))]
-    got = 0
+    got = at = 0
     try:
-        while bufs and got <= size:
-            n = os.preadv(fd, bufs, got, flags)
+        while at < len(bufs) and got <= size:
+            n = os.preadv(fd, bufs[at:], got, flags)
             if n == 0:
                 break
             got += n
-            advance(bufs, n)
+            at = advance(bufs, at, n)
     except BlockingIOError:
         raise
     except OSError as e:

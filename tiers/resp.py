@@ -19,6 +19,8 @@ from typing import TypeVar
 import numpy as np
 from redis.connection import parse_url
 
+from tiers.iovec import advance
+
 T = TypeVar("T")
 _READ_BYTES = 64 << 10
 _IOV_MAX = 1024  # Linux' limit on buffers per sendmsg
@@ -147,11 +149,7 @@ class RespConnection:
             except BlockingIOError:
                 await self._wait(writable=True)
                 continue
-            while i < len(views) and sent >= len(views[i]):
-                sent -= len(views[i])
-                i += 1
-            if sent:
-                views[i] = views[i][sent:]
+            i = advance(views, i, sent)
 
     async def _fill(self) -> None:
         if self._start == self._end:

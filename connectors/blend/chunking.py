@@ -96,20 +96,26 @@ def segments(
     tokens: Sequence[int] | torch.Tensor,
     chunks: Sequence[Chunk],
     cached: Mapping[bytes, ChunkKV | None],
+    end: int | None = None,
 ) -> list[Segment]:
     """Split the prompt into fresh and cached segments. A chunk with no cached KV (a miss)
-    becomes fresh tokens: it is computed, never guessed."""
+    becomes fresh tokens: it is computed, never guessed; so does a chunk overlapping an
+    earlier one. With ``end`` (a claim boundary, e.g. what an engine takes from the cache), a
+    chunk running past it keeps only its cached head, and the tokens from ``end`` on are
+    fresh."""
     t = torch.as_tensor(_as_list(tokens), dtype=torch.int64)
+    limit = t.shape[0] if end is None else min(end, t.shape[0])
     out: list[Segment] = []
     at = 0
     for c in chunks:
         kv = cached.get(c.key)
-        if kv is None:
+        stop = min(c.end, limit)
+        if kv is None or c.start < at or stop <= c.start:
             continue
         if c.start > at:
             out.append(Segment(t[at : c.start]))
-        out.append(Segment(t[c.start : c.end], kv))
-        at = c.end
+        out.append(Segment(t[c.start : stop], kv.head(stop - c.start)))
+        at = stop
     if at < t.shape[0]:
         out.append(Segment(t[at:]))
     return out

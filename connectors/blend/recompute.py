@@ -43,6 +43,13 @@ class ChunkKV:
         n = self.tokens.shape[0]
         assert all(k.shape[0] == n for k in self.keys), "one key row per chunk token"
 
+    def head(self, n: int) -> ChunkKV:
+        """The first ``n`` tokens' KV (views, no copy)."""
+        if n >= self.tokens.shape[0]:
+            return self
+        keys, values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        return ChunkKV(self.tokens[:n], self.start_pos, keys, values)
+
 
 def encode_chunk(
     model: BlendModel, tokens: torch.Tensor, prefix: torch.Tensor | None = None
