@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from connectors.sglang_io import ArenaTransport, HttpTransport
+from connectors.sglang.transport import ArenaTransport, HttpTransport
 from tests.cacheservice.conftest import free_port
 from tests.connectors.sglang.conftest import HostPool, make_model, page_indices
 

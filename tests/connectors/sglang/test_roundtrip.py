@@ -10,7 +10,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageE
 from cacheservice.arena import ArenaView
 from cacheservice.errors import BadRequest
 from connectors.sglang import CacheServiceHiCacheStorage
-from connectors.sglang_io import ArenaTransport, HttpTransport
+from connectors.sglang.transport import ArenaTransport, HttpTransport
 from tests.connectors.sglang.conftest import HostPool, make_config, page_indices
 
 LAYOUTS = ["page_first", "layer_first"]

@@ -12,7 +12,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
 
 from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
-from connectors.sglang_io import ArenaTransport
+from connectors.sglang.transport import ArenaTransport
 from tests.connectors.sglang.conftest import page_indices
 
 LAYOUTS = ["page_first", "layer_first"]

@@ -24,7 +24,7 @@ def make_llm(spec: dict):
     return engine_run.make_llm(
         spec,
         "CacheServiceBlendConnector",
-        "connectors.vllm_blend",
+        "connectors.vllm.blend",
         skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
         max_logprobs=-1,
     )

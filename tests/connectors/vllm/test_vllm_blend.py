@@ -178,8 +178,8 @@ def test_failed_blend_reports_its_blocks_and_writes_nothing(tmp_path: Path):
 
     import torch
 
-    from connectors.vllm_blend_scheduler import BlendLoad, BlendMeta, BlendSettings, BlendShape
-    from connectors.vllm_blend_worker import BlendWorker
+    from connectors.vllm.blend_scheduler import BlendLoad, BlendMeta, BlendSettings, BlendShape
+    from connectors.vllm.blend_worker import BlendWorker
     from index.hashing import Namespace
 
     ns = Namespace("missing", "float32", "test", 32)
@@ -206,7 +206,7 @@ def test_lookup_never_blocks_the_step_loop(model, tmp_path: Path):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    from connectors.vllm_blend_scheduler import BlendScheduler, BlendSettings, BlendShape
+    from connectors.vllm.blend_scheduler import BlendScheduler, BlendSettings, BlendShape
     from index.hashing import Namespace
 
     svc = start_blend_service(tmp_path / "service")
@@ -230,8 +230,8 @@ def test_segments_cut_a_chunk_at_the_claim_and_end_fresh():
 
     from connectors.blend.chunking import Chunk
     from connectors.blend.recompute import ChunkKV
-    from connectors.vllm_blend_scheduler import BlendLoad
-    from connectors.vllm_blend_worker import blend_segments
+    from connectors.vllm.blend_scheduler import BlendLoad
+    from connectors.vllm.blend_worker import blend_segments
 
     tokens = tuple(range(100, 180))  # the whole chunk [10, 80) travels; the claim is 64
     held, missed = Chunk(10, 80, b"held"), Chunk(0, 5, b"missed")

@@ -149,7 +149,7 @@ def test_lookup_never_blocks_the_step_loop(service, tiny_llama):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    from connectors.vllm_scheduler import CacheLayout, SchedulerSide, Settings
+    from connectors.vllm.scheduler import CacheLayout, SchedulerSide, Settings
 
     ns = Namespace(tiny_llama.path, "float32", "test", BLOCK_TOKENS)
     layout = CacheLayout((ns,), 4096, ("l0",), 4096, BLOCK_TOKENS)

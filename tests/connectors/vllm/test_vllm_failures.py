@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cacheservice.arena import ArenaView
-from connectors.identity import weights_fingerprint
-from connectors.vllm_worker import block_major
+from connectors.vllm.identity import weights_fingerprint
+from connectors.vllm.worker import block_major
 from index.hashing import Namespace, prefix_keys
 from tests.connectors.vllm.conftest import BLOCK_TOKENS, run_engine, start_engine, wait_engine
 from tests.connectors.vllm.tiny_model import make_tiny_llama
@@ -122,7 +122,7 @@ def test_kernel_layout_is_part_of_the_namespace(monkeypatch):
 
     import vllm.v1.attention.backends.cpu_attn as cpu_attn
 
-    from connectors.identity import vllm_kv_layout_tag
+    from connectors.vllm.identity import vllm_kv_layout_tag
 
     cfg = SimpleNamespace(cache_config=SimpleNamespace(cache_dtype="auto"))
     kv = SimpleNamespace(dtype=torch.bfloat16, block_size=32, head_size=64)

@@ -9,11 +9,11 @@ import torch
 
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest
-from connectors import vllm_kv_layout as kvl
 from connectors.blend.base import forward
 from connectors.blend.chunking import from_spans
 from connectors.blend.hf_llama import HFLlama
 from connectors.blend.store import ChunkStore, KVLayout
+from connectors.vllm import kv_layout as kvl
 from index.hashing import Namespace
 from tests.connectors.vllm.blend_support import (
     NUM_LAYERS,

@@ -7,8 +7,8 @@ Load it with::
                      kv_connector_module_path="connectors.vllm", kv_role="kv_both",
                      kv_connector_extra_config={"url": "http://127.0.0.1:8642"})
 
-The scheduler half (connectors/vllm_scheduler.py) finds hits and plans loads and saves; the
-worker half (connectors/vllm_worker.py) moves block bytes through the service's shared-memory
+The scheduler half (scheduler.py) finds hits and plans loads and saves; the
+worker half (worker.py) moves block bytes through the service's shared-memory
 arena. The service is a cache: when it is down, slow or returns a corrupt block, the engine
 recomputes and answers the same tokens; it never fails a request because of the service.
 """
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from connectors.vllm_base import SidedConnector
-from connectors.vllm_scheduler import (
+from connectors.vllm.base import SidedConnector
+from connectors.vllm.scheduler import (
     CacheLayout,
     CacheServiceMeta,
     SchedulerSide,
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
 
-    from connectors.vllm_worker import WorkerSide
+    from connectors.vllm.worker import WorkerSide
 
 __all__ = ["CacheServiceConnector", "CacheServiceMeta"]
 
@@ -56,7 +56,7 @@ class CacheServiceConnector(SidedConnector):
     ) -> WorkerSide:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        from connectors.vllm_worker import WorkerSide
+        from connectors.vllm.worker import WorkerSide
 
         rank = get_tensor_model_parallel_rank()
         return WorkerSide(settings, layout, rank, kv_cache_config.num_blocks)

@@ -34,7 +34,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, CacheServiceError, UnknownNamespace
 from connectors.settings import ExtraSettings
-from connectors.sglang_io import ArenaTransport, HttpTransport, Page, Segment, Transport
+from connectors.sglang.transport import ArenaTransport, HttpTransport, Page, Segment, Transport
 from index.hashing import ROOT_KEY, Namespace
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import xxhash
 from cacheservice.arena import ArenaClient, ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, CacheServiceError, ServiceUnavailable, UnknownNamespace
-from connectors.vllm_scheduler import (
+from connectors.vllm.scheduler import (
     CacheLayout,
     CacheServiceMeta,
     Gate,

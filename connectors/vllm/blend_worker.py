@@ -20,21 +20,21 @@ import torch
 
 from cacheservice.client import CacheClient
 from cacheservice.errors import ServiceUnavailable
-from connectors import vllm_kv_layout as kvl
 from connectors.blend.chunking import segments
 from connectors.blend.recompute import ChunkKV, Segment, blend_prefill
 from connectors.blend.store import ChunkStore, KVLayout
 from connectors.gate import Gate
-from connectors.vllm_blend_scheduler import (
+from connectors.vllm import kv_layout as kvl
+from connectors.vllm.blend_scheduler import (
     BlendLoad,
     BlendMeta,
     BlendSettings,
     BlendShape,
     make_policy,
 )
-from connectors.vllm_worker import Loads
+from connectors.vllm.worker import Loads
 
-log = logging.getLogger("cacheservice.connectors.vllm_blend")
+log = logging.getLogger("cacheservice.connectors.vllm.blend")
 
 
 def blend_segments(load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> list[Segment]:

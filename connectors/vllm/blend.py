@@ -3,7 +3,7 @@
 Load it with::
 
     KVTransferConfig(kv_connector="CacheServiceBlendConnector",
-                     kv_connector_module_path="connectors.vllm_blend", kv_role="kv_both",
+                     kv_connector_module_path="connectors.vllm.blend", kv_role="kv_both",
                      kv_connector_extra_config={"url": "http://127.0.0.1:8642"})
 
 A request declares its reusable chunks (RAG passages, tool outputs) as prompt spans::
@@ -17,7 +17,7 @@ overriding the engine's defaults (``kv_connector_extra_config`` keys of the same
 names). Chunks the service does not hold are stored after the request's prefill, per token,
 keys rotated at their position then. When the service holds some of a prompt's chunks, the
 connector claims the prompt up to the last block boundary at or before the end of the last
-held chunk; the worker (connectors/vllm_blend_worker.py) re-rotates the chunks' keys to their
+held chunk; the worker (blend_worker.py) re-rotates the chunks' keys to their
 new positions, computes the other claimed tokens and the selected chunk tokens with the
 checkpoint's own weights (connectors/blend/hf_llama.py) and writes the blended KV into vLLM's
 paged cache; vLLM then computes the rest of the prompt on top of it.
@@ -25,15 +25,15 @@ paged cache; vLLM then computes the rest of the prompt on top of it.
 Blended KV approximates a full prefill (quality is measured, see the tests); it is never
 stored back as a chunk. With vLLM's prefix caching on, blocks of a blended prefix could be
 reused by a later request with the same prefix: keep ``enable_prefix_caching=False`` where
-that approximation must not spread. CPU backend only (connectors/vllm_kv_layout.py).
+that approximation must not spread. CPU backend only (kv_layout.py).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from connectors.vllm_base import SidedConnector
-from connectors.vllm_blend_scheduler import (
+from connectors.vllm.base import SidedConnector
+from connectors.vllm.blend_scheduler import (
     BlendMeta,
     BlendScheduler,
     BlendSettings,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-    from connectors.vllm_blend_worker import BlendWorker
+    from connectors.vllm.blend_worker import BlendWorker
 
 __all__ = ["BlendMeta", "CacheServiceBlendConnector"]
 
@@ -65,6 +65,6 @@ class CacheServiceBlendConnector(SidedConnector):
         vllm_config: VllmConfig,
         kv_cache_config: KVCacheConfig,
     ) -> BlendWorker:
-        from connectors.vllm_blend_worker import BlendWorker
+        from connectors.vllm.blend_worker import BlendWorker
 
         return BlendWorker(settings, shape, vllm_config.cache_config.cache_dtype)

@@ -3,7 +3,7 @@
 vLLM builds one connector per role: in the scheduler process it plans, in each worker it moves
 KV. A connector here is only that split: it builds a scheduler side or a worker side and hands
 every vLLM hook to it. Subclasses name their settings, their KV geometry, their metadata type
-and how to build each side (connectors/vllm.py, connectors/vllm_blend.py).
+and how to build each side (connector.py, blend.py).
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from cacheservice.client import DEFAULT_URL, CacheClient
 from cacheservice.errors import BadRequest, ServiceUnavailable
 from connectors.blend.chunking import Chunk, from_separators, from_spans
 from connectors.blend.recompute import FirstK, NoRecompute, Policy, TopRatio
-from connectors.identity import weights_fingerprint
 from connectors.settings import ExtraSettings
-from connectors.vllm_scheduler import Gate, scheduled
+from connectors.vllm.identity import weights_fingerprint
+from connectors.vllm.scheduler import Gate, scheduled
 from index.hashing import Namespace
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-log = logging.getLogger("cacheservice.connectors.vllm_blend")
+log = logging.getLogger("cacheservice.connectors.vllm.blend")
 
 POLICIES = ("first_k", "top_ratio", "none", "full")
 

@@ -21,8 +21,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 from cacheservice.client import DEFAULT_URL, CacheClient
 from cacheservice.errors import BadRequest, ServiceUnavailable, UnknownNamespace
 from connectors.gate import Gate
-from connectors.identity import vllm_kv_layout_tag, weights_fingerprint
 from connectors.settings import ExtraSettings
+from connectors.vllm.identity import vllm_kv_layout_tag, weights_fingerprint
 from index.hashing import ROOT_KEY, Namespace, prefix_keys
 
 if TYPE_CHECKING:
