@@ -3,7 +3,8 @@
 An acquire lease pins blocks so readers can copy them out of the arena zero copy; a reserve
 lease holds allocated, unpublished host slots that the writer fills, then commits or aborts.
 A periodic task releases or aborts leases not settled within their ``lease_ms``, so a crashed
-engine leaks nothing. Keys reaching this module are already validated by CacheService.
+engine leaks nothing. Keys reaching this module are already validated by CacheService. Slots
+change only through tiers.slots.HostSlots; this module keeps who holds what until when.
 
 Bounds (one client must not take the arena from the others): a lease lives at most the
 service's ``lease_ms`` whatever the client asks; one lease holds at most half of the
@@ -24,18 +25,16 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cacheservice.errors import BadRequest, Overloaded
 from cacheservice.results import AcquireResult, ReserveResult
 from index.hashing import Namespace
-from index.radix import Node, PrefixTree
-from tiers.base import BlockMeta, checksum
-from tiers.host import HostTier
-from tiers.stack import TierStack
+from index.radix import Node
+from tiers.base import BlockMeta
+from tiers.slots import Commit, HostSlots
 
 log = logging.getLogger("cacheservice.service")  # the name operators already filter on
-OFFLOOP_CHECKSUM_BYTES = 4 << 20  # checksum bigger batches in a worker thread
 
 
 @dataclass
@@ -47,33 +46,17 @@ class Lease:
     slots: list[int | None] = field(default_factory=list)  # reserve: slot per block
 
 
-async def checksums(views: list[memoryview]) -> list[int]:
-    if sum(len(v) for v in views) >= OFFLOOP_CHECKSUM_BYTES:
-        return await asyncio.to_thread(lambda: [checksum(v) for v in views])
-    return [checksum(v) for v in views]
-
-
 class LeaseTable:
     """Every open lease. Invariant: ``reserving`` maps exactly the keys whose slots an open
     reserve lease holds, so two writers never fill a slot for the same block."""
 
-    def __init__(
-        self,
-        host: HostTier,
-        tree: PrefixTree,
-        stack: TierStack,
-        lease_ms: int,
-        max_leases: int = 4096,
-    ) -> None:
-        self.host = host
-        self.tree = tree
-        self.stack = stack
+    def __init__(self, slots: HostSlots, lease_ms: int, max_leases: int = 4096) -> None:
+        self.slots = slots
         self.lease_ms = lease_ms
         self.max_leases = max_leases
-        self.max_write_slots = max(1, host.num_slots // 2)
-        self.max_read_slots = max(1, host.num_slots * 3 // 4)
-        self.max_reserved = max(1, host.num_slots * 3 // 4)
-        self.fenced = 0  # committed slots whose bytes were not what their writer wrote
+        self.max_write_slots = max(1, slots.num_slots // 2)
+        self.max_read_slots = max(1, slots.num_slots * 3 // 4)
+        self.max_reserved = max(1, slots.num_slots * 3 // 4)
         self.leases: dict[str, Lease] = {}
         self.reserving: dict[bytes, str] = {}  # key -> write lease holding a slot for it
         self._expiry: asyncio.Task | None = None
@@ -99,6 +82,10 @@ class LeaseTable:
     def reserved_slots(self) -> int:
         return len(self.reserving)
 
+    @property
+    def fenced(self) -> int:
+        return self.slots.fenced
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -121,28 +108,12 @@ class LeaseTable:
         if not hit_keys:
             return AcquireResult("", [], [], [])
         lease = self._new(deadline)
-        # Pin the whole hit first so promoting block i cannot evict block j < i.
-        pins = self.tree.pin(hit_keys)
-        slots: list[int] = []
-        sums: list[int] = []
-        lengths: list[int] = []
-        for key in hit_keys:
-            slot = self.host.slot_of(key)
-            if slot is None and await self.stack.fetch(key) is not None:
-                slot = self.host.slot_of(key)
-            meta = self.host.meta_of(key)
-            if slot is None or meta is None or meta.ns != ns_seed:
-                break  # a failed read, host full of pinned blocks, or another namespace's block
-            slots.append(slot)
-            sums.append(meta.checksum)
-            lengths.append(meta.length)
-        assert len(pins) == len(hit_keys), "a matched block left the index before it was pinned"
-        self.tree.unpin_nodes(pins[len(slots) :])
-        if not slots:
+        read = await self.slots.pin_for_read(hit_keys, ns_seed)
+        if not read.slots:
             return AcquireResult("", [], [], [])
-        lease.pins = pins[: len(slots)]
+        lease.pins = read.pins
         self.leases[lease.id] = lease
-        return AcquireResult(lease.id, slots, sums, lengths)
+        return AcquireResult(lease.id, read.slots, read.checksums, read.lengths)
 
     def release(self, lease: str, hold_until: float = 0.0) -> int:
         """Unpin an acquire lease, or abort a reserve lease (its slots are freed). An unknown
@@ -151,14 +122,11 @@ class LeaseTable:
         held = self.leases.pop(lease, None)
         if held is None:
             return 0
-        if hold_until:
-            for node in held.pins:
-                self.host.taint(node.key, hold_until)
-        self.tree.unpin_nodes(held.pins)
+        self.slots.unpin(held.pins, hold_until)
         freed = 0
         for meta, slot in zip(held.metas, held.slots, strict=True):
             if slot is not None:
-                self.host.free(slot, hold_until)
+                self.slots.abort(slot, hold_until)
                 self.reserving.pop(meta.key, None)
                 freed += 1
         return len(held.pins) + freed
@@ -172,26 +140,17 @@ class LeaseTable:
         seen: set[bytes] = set()
         new = []
         for i, key in enumerate(keys):
-            if key not in seen and key not in self.reserving and self.tree.get(key) is None:
+            if key not in seen and key not in self.reserving and not self.slots.is_stored(key):
                 new.append(i)
             seen.add(key)
         room = self.max_reserved - len(self.reserving)
         new = new[: max(0, min(self.max_write_slots, room))]
         if not new:
             return ReserveResult("", [None] * len(keys))
-        # The blocks this writer chains from stay: evicting a prompt's own head to make room
-        # for its tail would leave nothing to hit.
-        own = self.tree.pin([parent, *keys], touch=False)
-        try:
-            await self.stack.host_slots(len(new))
-        finally:
-            self.tree.unpin_nodes(own)
+        granted = await self.slots.reserve(len(new), [parent, *keys])
         lease.slots = [None] * len(keys)
         lease.metas = [None] * len(keys)
-        for i in new:
-            slot = self.host.alloc()
-            if slot is None:
-                break
+        for i, slot in zip(new, granted, strict=False):
             lease.slots[i] = slot
             prev = keys[i - 1] if i else parent
             lease.metas[i] = BlockMeta(namespace.seed, keys[i], prev, block_bytes, 0)
@@ -217,27 +176,16 @@ class LeaseTable:
                     f"{len(held.slots)} blocks: send one entry per reserved key"
                 )
         del self.leases[lease]
-        todo: list[tuple[BlockMeta, int, int | None]] = []
+        todo: list[Commit] = []
         for i, (meta, slot) in enumerate(zip(held.metas, held.slots, strict=True)):
             if slot is None:
                 continue
             self.reserving.pop(meta.key, None)
             if ok is None or ok[i]:
-                todo.append((meta, slot, None if sums is None else sums[i]))
+                todo.append(Commit(slot, meta, None if sums is None else sums[i]))
             else:
-                self.host.free(slot)
-        views = [self.host.payload_view(slot, meta.length) for meta, slot, _ in todo]
-        found = await checksums(views)
-        stored = 0
-        for (meta, slot, want), csum in zip(todo, found, strict=True):
-            if want is not None and want != csum:
-                self.fenced += 1
-                self.host.free(slot)
-                continue
-            meta = replace(meta, checksum=csum)
-            self.host.publish(slot, meta)
-            stored += await self.stack.published(meta)
-        return stored
+                self.slots.abort(slot)
+        return await self.slots.commit(todo)
 
     # -- expiry -----------------------------------------------------------------------------
 
@@ -264,6 +212,7 @@ class LeaseTable:
             assert not (lease.pins and lease.slots), f"lease {lid} both reads and writes"
             for meta, slot in zip(lease.metas, lease.slots, strict=True):
                 if slot is not None:
-                    assert self.host.slot_of(meta.key) != slot, f"slot {slot} reserved+published"
+                    published = self.slots.is_published(meta.key, slot)
+                    assert not published, f"slot {slot} reserved+published"
                     reserved[meta.key] = lid
         assert reserved == self.reserving, "reserving map drifted from the leases"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from cacheservice.errors import BadRequest, TooLarge, WrongBlockSize
-from cacheservice.leases import LeaseTable, checksums
+from cacheservice.leases import LeaseTable
 from cacheservice.manifests import decode_entry, encode_entry
 from cacheservice.namespaces import NamespaceRegistry
 from cacheservice.results import (  # noqa: F401  (re-exported: callers import results here)
@@ -33,6 +33,7 @@ from index.hashing import KEY_BYTES, ROOT_KEY, Namespace
 from index.radix import PrefixTree
 from tiers.base import BlockMeta, Tier
 from tiers.host import HostTier
+from tiers.slots import checksums
 from tiers.stack import TierStack
 
 log = logging.getLogger("cacheservice.service")
@@ -56,7 +57,7 @@ class CacheService:
         self.stack.remote_budget_s = remote_lookup_ms / 1000
         self.chunks = ChunkIndex()
         self.namespaces = NamespaceRegistry(host, self.stack)
-        self.leases = LeaseTable(host, self.tree, self.stack, lease_ms)
+        self.leases = LeaseTable(self.stack.slots, lease_ms)
         self.max_keys = max_keys
         self.max_response_bytes = max_response_bytes
         self.counters = {"hits": 0, "misses": 0, "stores": 0}

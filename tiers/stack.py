@@ -28,9 +28,10 @@ from index.hashing import ROOT_KEY
 from index.radix import PrefixTree
 from tiers.base import FLAG_MANIFEST, Block, BlockMeta, Tier
 from tiers.host import HostTier
+from tiers.slots import HostSlots
+from tiers.writedown import WriteDown
 
 log = logging.getLogger("cacheservice.stack")
-_WRITE_BATCH = 64
 
 
 @dataclass
@@ -59,15 +60,15 @@ class TierStack:
         self.on_dropped: Callable[[bytes], None] | None = None
         self.remote_budget_s = 0.05
         self._discovery: asyncio.Task | None = None
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
-        self._writer: asyncio.Task | None = None
+        self._writedown = WriteDown(self, queue_size) if self.lower else None
+        self.slots = HostSlots(self)
         self._closed = False
 
     async def start(self) -> None:
         for tier in self.tiers:
             await tier.start()
-        if self.lower:
-            self._writer = asyncio.create_task(self._write_loop(), name="cacheservice-writedown")
+        if self._writedown is not None:
+            self._writedown.start()
 
     async def close(self) -> None:
         if self._closed:
@@ -76,17 +77,15 @@ class TierStack:
         if self._discovery is not None:
             self._discovery.cancel()
             await asyncio.gather(self._discovery, return_exceptions=True)
-        if self._writer is not None:
-            await self.drain()
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._writedown is not None:
+            await self._writedown.close()
         for tier in self.tiers:
             await tier.close()
 
     async def drain(self) -> None:
         """Wait until every queued write-down has finished."""
-        if self._writer is not None:
-            await self._queue.join()
+        if self._writedown is not None:
+            await self._writedown.drain()
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -108,8 +107,8 @@ class TierStack:
             self.counters.refused += 1
             await self.host.delete(meta.key)
             return False
-        if self._writer is not None:
-            await self._queue.put(meta.key)
+        if self._writedown is not None:
+            await self._writedown.enqueue(meta.key)
         return True
 
     async def host_slots(self, wanted: int) -> int:
@@ -172,15 +171,15 @@ class TierStack:
             return False
         block = await self.tiers[index].get(key)
         if block is None:
-            await self._failed_read(key, self.tiers[index])
+            await self.failed_read(key, self.tiers[index])
             return False
         for below in range(index + 1, len(self.tiers)):
-            if await self._put_into(below, [(block.meta, block.payload)]) == [True]:
-                self._add_tier(key, self.tiers[below].name)
+            if await self.put_into(below, [(block.meta, block.payload)]) == [True]:
+                self.add_tier(key, self.tiers[below].name)
                 return True
         return False
 
-    async def _put_into(
+    async def put_into(
         self, index: int, items: list[tuple[BlockMeta, bytes | memoryview]]
     ) -> list[bool]:
         tier = self.tiers[index]
@@ -192,48 +191,9 @@ class TierStack:
                 done[i] = ok
         return done
 
-    def _add_tier(self, key: bytes, name: str) -> None:
+    def add_tier(self, key: bytes, name: str) -> None:
         if self.tree.get(key) is not None:
             self.tree.add_tier(key, name)
-
-    async def _write_loop(self) -> None:
-        while True:
-            keys = [await self._queue.get()]
-            while len(keys) < _WRITE_BATCH and not self._queue.empty():
-                keys.append(self._queue.get_nowait())
-            try:
-                await self._write_down(keys)
-            except Exception:  # a tier bug must not kill write-down for good
-                log.exception("write-down of %d blocks failed", len(keys))
-            finally:
-                for _ in keys:
-                    self._queue.task_done()
-
-    async def _write_down(self, keys: list[bytes]) -> None:
-        # Snapshot the payloads: holding host slots (pins) across disk/network writes would
-        # block eviction, and a slot may be reused once the block leaves host.
-        live = [k for k in keys if (n := self.tree.get(k)) is not None and "host" in n.tiers]
-        blocks = []
-        for key in live:
-            block = await self.host.get(key)
-            if block is None:
-                await self._failed_read(key, self.host)
-            else:
-                blocks.append(Block(block.meta, bytes(block.payload)))
-        for index in range(1, len(self.tiers)):
-            name = self.tiers[index].name
-            todo = [
-                b
-                for b in blocks
-                if (n := self.tree.get(b.meta.key)) is not None and name not in n.tiers
-            ]
-            if not todo:
-                continue
-            done = await self._put_into(index, [(b.meta, b.payload) for b in todo])
-            for block, ok in zip(todo, done, strict=True):
-                if ok:
-                    self._add_tier(block.meta.key, name)
-                    self.counters.written_down += 1
 
     async def put_manifest(self, meta: BlockMeta, payload: bytes) -> int:
         """Write an index manifest (not a KV block, never in the tree) to every lower tier;
@@ -241,7 +201,7 @@ class TierStack:
         assert meta.flags & FLAG_MANIFEST, "manifests carry FLAG_MANIFEST"
         stored = 0
         for index in range(1, len(self.tiers)):
-            stored += (await self._put_into(index, [(meta, payload)]))[0]
+            stored += (await self.put_into(index, [(meta, payload)]))[0]
         return stored
 
     async def delete_manifest(self, key: bytes) -> None:
@@ -273,7 +233,7 @@ class TierStack:
                     continue
             block = await tier.get(key)
             if block is None:
-                await self._failed_read(key, tier)
+                await self.failed_read(key, tier)
                 continue
             if index and promote:
                 return await self._promote(block) or block
@@ -328,7 +288,7 @@ class TierStack:
         self.counters.promotions += 1
         return await self.host.get(key)
 
-    async def _failed_read(self, key: bytes, tier: Tier) -> None:
+    async def failed_read(self, key: bytes, tier: Tier) -> None:
         """A read of ``key`` from ``tier`` came back empty. The tier deleted a corrupt block;
         one it still holds only failed to read (an I/O error) and stays indexed."""
         self.counters.failed_reads += 1

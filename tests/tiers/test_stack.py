@@ -90,8 +90,8 @@ async def test_host_eviction_keeps_disk_copy_and_promotes(tmp_path):
 
 async def test_host_only_leaf_copied_down_before_eviction(tmp_path):
     stack = await make_stack(tmp_path, host_slots=2)
-    stack._writer.cancel()  # no background write-down: eviction itself must save the block
-    stack._writer = None
+    await stack._writedown.close()  # no background write-down: eviction itself must save it
+    stack._writedown = None
     chain = make_chain(3)
     assert await stack.store(*chain[0])
     assert await stack.store(*make_chain(1, start=50)[0])
