@@ -19,13 +19,8 @@ from cacheservice.errors import (
     UnknownNamespace,
     WrongBlockSize,
 )
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    ServiceProcess,
-    make_blocks,
-    make_keys,
-    make_namespace,
-)
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import ServiceProcess
 
 
 def raw_post(svc: ServiceProcess, path: str, body: bytes, headers: dict | None = None) -> tuple:
@@ -42,7 +37,7 @@ def raw_post(svc: ServiceProcess, path: str, body: bytes, headers: dict | None =
 def stored(service: ServiceProcess) -> Iterator[tuple[str, list[bytes], list[bytes]]]:
     """A namespace with 4 stored blocks that every bad request below must leave intact."""
     ns = make_namespace()
-    keys, blocks = make_keys(ns, 4, seed=7), make_blocks(4, seed=7)
+    keys, blocks = make_prefix_keys(ns, 4, seed=7), make_payloads(4, seed=7)
     with service.client() as c:
         info = c.register(ns, BLOCK_BYTES)
         assert c.put_blocks(info.ns, keys, b"".join(blocks)) == 4
@@ -134,7 +129,7 @@ def test_oversize_body_is_413_and_service_stays_up(make_service) -> None:
     with svc.client() as c:
         ns = make_namespace()
         info = c.register(ns, BLOCK_BYTES)
-        keys, blocks = make_keys(ns, 100), make_blocks(100)
+        keys, blocks = make_prefix_keys(ns, 100), make_payloads(100)
         with pytest.raises(TooLarge, match="max_body_bytes"):
             c.put_blocks(info.ns, keys, b"".join(blocks))
         assert c.lookup(info.ns, keys).hits == 0  # nothing of the rejected call was stored
@@ -154,8 +149,8 @@ def test_token_required_except_health(make_service) -> None:
             bad.metrics()
         ns = make_namespace()
         info = good.register(ns, BLOCK_BYTES)
-        keys = make_keys(ns, 2)
-        assert good.put_blocks(info.ns, keys, b"".join(make_blocks(2))) == 2
+        keys = make_prefix_keys(ns, 2)
+        assert good.put_blocks(info.ns, keys, b"".join(make_payloads(2))) == 2
         with pytest.raises(Unauthorized):
             bad.get_blocks(info.ns, keys)
         assert good.lookup(info.ns, keys).hits == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cacheservice.config import ConfigError, ServiceConfig, load_config, parse_size
-from tests.cacheservice.conftest import REPO, ServiceProcess, free_port
+from tests.processes import REPO, ServiceProcess, free_port
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -22,20 +22,13 @@ from cacheservice.errors import ServiceUnavailable, UnknownNamespace, WrongBlock
 from cacheservice.protocol import error_for
 from cacheservice.server import SERVICE_KEY, create_app
 from index.hashing import ROOT_KEY, chunk_block_keys, chunk_key
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    SLOT_BYTES,
-    ServiceProcess,
-    free_port,
-    make_blocks,
-    make_keys,
-    make_namespace,
-)
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import SLOT_BYTES, ServiceProcess, free_port
 
 
 async def test_async_client_covers_every_endpoint(service: ServiceProcess) -> None:
     ns = make_namespace()
-    keys, blocks = make_keys(ns, 4, seed=11), make_blocks(4, seed=11)
+    keys, blocks = make_prefix_keys(ns, 4, seed=11), make_payloads(4, seed=11)
     async with AsyncCacheClient(service.url) as c:
         assert await c.health()
         info = await c.register(ns, BLOCK_BYTES)
@@ -61,7 +54,7 @@ async def test_async_client_covers_every_endpoint(service: ServiceProcess) -> No
 
         tokens = list(range(16))
         ck, bkeys = chunk_key(tokens, ns.seed), chunk_block_keys(tokens, ns.seed, 16)
-        assert await c.register_chunk(info.ns, ck, 16, 0, bkeys, make_blocks(1, seed=12)[0])
+        assert await c.register_chunk(info.ns, ck, 16, 0, bkeys, make_payloads(1, seed=12)[0])
         (entry,) = await c.lookup_chunks(info.ns, [ck])
         assert entry.num_tokens == 16 and list(entry.keys) == bkeys
         assert (await c.stats())["stores"] >= 5
@@ -100,10 +93,10 @@ async def test_async_service_down_is_unavailable() -> None:
 def test_keep_alive_client_survives_a_restart(make_service) -> None:
     svc = make_service("restart")
     ns = make_namespace()
-    keys = make_keys(ns, 2)
+    keys = make_prefix_keys(ns, 2)
     with svc.client() as c:
         info = c.register(ns, BLOCK_BYTES)
-        c.put_blocks(info.ns, keys, b"".join(make_blocks(2)))
+        c.put_blocks(info.ns, keys, b"".join(make_payloads(2)))
         svc.stop()
         with pytest.raises(ServiceUnavailable):
             c.lookup(info.ns, keys)  # down: a miss for the connector, not a crash
@@ -114,13 +107,13 @@ def test_keep_alive_client_survives_a_restart(make_service) -> None:
 def test_one_client_many_threads(service: ServiceProcess, client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    chains = [make_keys(ns, 3, seed=100 + t) for t in range(6)]
+    chains = [make_prefix_keys(ns, 3, seed=100 + t) for t in range(6)]
     errors: list[BaseException] = []
 
     def work(t: int) -> None:
         try:
             for _ in range(20):
-                client.put_blocks(info.ns, chains[t], b"".join(make_blocks(3, seed=t)))
+                client.put_blocks(info.ns, chains[t], b"".join(make_payloads(3, seed=t)))
                 assert client.lookup(info.ns, chains[t]).hits == 3
         except BaseException as e:  # surfaced below; a thread cannot fail the test itself
             errors.append(e)
@@ -172,8 +165,8 @@ async def test_handler_bug_is_500_and_service_stays_up(inproc) -> None:
     async with AsyncCacheClient(url) as c:
         ns = make_namespace()
         info = await c.register(ns, BLOCK_BYTES)
-        keys = make_keys(ns, 2)
-        assert await c.put_blocks(info.ns, keys, b"".join(make_blocks(2))) == 2
+        keys = make_prefix_keys(ns, 2)
+        assert await c.put_blocks(info.ns, keys, b"".join(make_payloads(2))) == 2
         assert (await c.lookup(info.ns, keys)).hits == 2
         text = await c.metrics()
         assert 'cacheservice_requests_total{endpoint="/v1/buggy",status="500"} 1' in text

@@ -15,14 +15,8 @@ import xxhash
 
 from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    REPO,
-    make_blocks,
-    make_keys,
-    make_namespace,
-    start_service,
-)
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import REPO, start_service
 
 LATE_WRITER = textwrap.dedent(
     """
@@ -64,8 +58,8 @@ def write_and_commit(c: CacheClient, arena: ArenaView, ns: str, key: bytes, data
 def test_late_writer_never_publishes_into_another_key(tmp_path: Path) -> None:
     svc = start_service(tmp_path / "svc", extra=["--lease-ms", "1000"])
     ns = make_namespace()
-    k1, k2, k3 = make_keys(ns, 3, seed=1)
-    d1, d2, d3 = make_blocks(3, seed=1)
+    k1, k2, k3 = make_prefix_keys(ns, 3, seed=1)
+    d1, d2, d3 = make_payloads(3, seed=1)
     with svc.client() as c:
         info = c.register(ns, BLOCK_BYTES)
         w1 = subprocess.Popen(
@@ -105,14 +99,14 @@ def test_expired_reader_slot_cools_before_reuse(tmp_path: Path) -> None:
     # 16 slots: filling the arena evicts the leased block once its lease is gone.
     svc = start_service(tmp_path / "svc", extra=["--lease-ms", "800", "--arena-bytes", "64KiB"])
     ns = make_namespace()
-    keys, blocks = make_keys(ns, 1, seed=2), make_blocks(1, seed=2)
+    keys, blocks = make_prefix_keys(ns, 1, seed=2), make_payloads(1, seed=2)
     with svc.client() as c:
         info = c.register(ns, BLOCK_BYTES)
         assert c.put_blocks(info.ns, keys, blocks[0]) == 1
         acq = c.acquire(info.ns, keys)  # a reader that then stalls past its lease
         wait_for(lambda: c.stats()["leases"] == 0)
         other = make_namespace()
-        filler = make_keys(other, 40, seed=3)
+        filler = make_prefix_keys(other, 40, seed=3)
         info2 = c.register(other, BLOCK_BYTES)
         for i, key in enumerate(filler):  # push the old block out of the 16-slot arena
             res = c.reserve(info2.ns, [key], parent=filler[i - 1] if i else b"\0" * 16)

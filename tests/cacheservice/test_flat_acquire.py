@@ -11,22 +11,20 @@ from cacheservice.arena import ArenaView
 from cacheservice.client import AsyncCacheClient, CacheClient
 from cacheservice.service import CacheService
 from index.hashing import ROOT_KEY
-from tests.cacheservice.conftest import (
+from tests.factories import (
     BLOCK_BYTES,
-    ServiceProcess,
-    make_blocks,
-    make_namespace,
-)
-from tests.cacheservice.conftest import make_keys as make_ns_keys
-from tests.cacheservice.test_service import (
-    BB,
-    NS,
+    INPROC_BB,
+    INPROC_NS,
     checked,
-    make_data,
+    inproc_data,
+    inproc_keys,
     make_disk_only,
-    make_keys,
-    make_service,
+    make_inproc_service,
+    make_namespace,
+    make_payloads,
+    make_prefix_keys,
 )
+from tests.processes import ServiceProcess
 
 
 def leased_bytes(svc: CacheService, slots: list[int], lengths: list[int]) -> list[bytes]:
@@ -34,17 +32,17 @@ def leased_bytes(svc: CacheService, slots: list[int], lengths: list[int]) -> lis
 
 
 async def test_flat_leases_continuation_keys_prefix_does_not(tmp_path):
-    svc = await make_service(tmp_path)
-    svc.register_namespace(NS, BB)
-    keys, data = make_keys(5), make_data(5)
-    await svc.put_blocks(NS.id, keys, ROOT_KEY, data)
+    svc = await make_inproc_service(tmp_path)
+    svc.register_namespace(INPROC_NS, INPROC_BB)
+    keys, data = inproc_keys(5), inproc_data(5)
+    await svc.put_blocks(INPROC_NS.id, keys, ROOT_KEY, data)
 
-    plain = await svc.acquire(NS.id, keys[2:])
+    plain = await svc.acquire(INPROC_NS.id, keys[2:])
     assert plain.slots == [] and svc.release(plain.lease) == 0  # unchanged: root paths only
-    a = await svc.acquire(NS.id, keys[2:], flat=True)
-    assert len(a.slots) == 3 and a.lengths == [BB] * 3
+    a = await svc.acquire(INPROC_NS.id, keys[2:], flat=True)
+    assert len(a.slots) == 3 and a.lengths == [INPROC_BB] * 3
     got = leased_bytes(svc, a.slots, a.lengths)
-    assert got == [data[i * BB : (i + 1) * BB] for i in range(2, 5)]
+    assert got == [data[i * INPROC_BB : (i + 1) * INPROC_BB] for i in range(2, 5)]
     assert a.checksums == [xxhash.xxh3_64_intdigest(b) for b in got]
     assert [svc.tree.get(k).pins for k in keys] == [0, 0, 1, 1, 1]
     await checked(svc)
@@ -55,17 +53,19 @@ async def test_flat_leases_continuation_keys_prefix_does_not(tmp_path):
 
 
 async def test_flat_stops_at_the_first_missing_key(tmp_path):
-    svc = await make_service(tmp_path)
-    svc.register_namespace(NS, BB)
+    svc = await make_inproc_service(tmp_path)
+    svc.register_namespace(INPROC_NS, INPROC_BB)
     flat = [bytes([i]) * 16 for i in range(1, 4)]  # each stored with parent ROOT_KEY
-    await svc.put_blocks(NS.id, flat, ROOT_KEY, make_data(3, 4), flat=True)
-    plain = await svc.acquire(NS.id, flat)
+    await svc.put_blocks(INPROC_NS.id, flat, ROOT_KEY, inproc_data(3, 4), flat=True)
+    plain = await svc.acquire(INPROC_NS.id, flat)
     assert len(plain.slots) == 1  # flat[1] is not flat[0]'s child
     svc.release(plain.lease)
-    whole = await svc.acquire(NS.id, flat, flat=True)
+    whole = await svc.acquire(INPROC_NS.id, flat, flat=True)
     assert len(whole.slots) == 3
     svc.release(whole.lease)
-    gap = await svc.acquire(NS.id, [flat[2], make_keys(1, start=700)[0], flat[0]], flat=True)
+    gap = await svc.acquire(
+        INPROC_NS.id, [flat[2], inproc_keys(1, start=700)[0], flat[0]], flat=True
+    )
     assert len(gap.slots) == 1 and svc.tree.get(flat[0]).pins == 0
     assert svc.stats()["leases"] == 1  # only gap is open
     svc.release(gap.lease)
@@ -74,17 +74,19 @@ async def test_flat_stops_at_the_first_missing_key(tmp_path):
 
 
 async def test_flat_promotes_from_disk_and_pins_against_pressure(tmp_path):
-    svc = await make_service(tmp_path, host_slots=4)
-    svc.register_namespace(NS, BB)
+    svc = await make_inproc_service(tmp_path, host_slots=4)
+    svc.register_namespace(INPROC_NS, INPROC_BB)
     keys, data = await make_disk_only(svc)
     promotions = svc.stats()["promotions"]
 
-    a = await svc.acquire(NS.id, keys[1:], flat=True)
+    a = await svc.acquire(INPROC_NS.id, keys[1:], flat=True)
     assert len(a.slots) == 3 and svc.stats()["promotions"] == promotions + 3
     for i in range(4):  # more than fits beside the lease: only unpinned blocks may go
-        await svc.put_blocks(NS.id, make_keys(1, start=9000 + 10 * i), ROOT_KEY, make_data(1, i))
+        await svc.put_blocks(
+            INPROC_NS.id, inproc_keys(1, start=9000 + 10 * i), ROOT_KEY, inproc_data(1, i)
+        )
     assert [svc.host.slot_of(k) for k in keys[1:]] == a.slots
-    assert b"".join(leased_bytes(svc, a.slots, a.lengths)) == data[BB:]
+    assert b"".join(leased_bytes(svc, a.slots, a.lengths)) == data[INPROC_BB:]
     await checked(svc)
     svc.release(a.lease)
     await checked(svc)
@@ -97,7 +99,7 @@ async def test_flat_promotes_from_disk_and_pins_against_pressure(tmp_path):
 def test_client_flat_acquire_reads_continuation_from_the_arena(client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    keys, blocks = make_ns_keys(ns, 5, seed=21), make_blocks(5, seed=21)
+    keys, blocks = make_prefix_keys(ns, 5, seed=21), make_payloads(5, seed=21)
     assert client.put_blocks(info.ns, keys, b"".join(blocks)) == 5
     plain = client.acquire(info.ns, keys[3:])
     assert plain.slots == [] and client.release(plain.lease) == 0
@@ -112,7 +114,7 @@ def test_client_flat_acquire_reads_continuation_from_the_arena(client: CacheClie
 
 async def test_async_client_flat_acquire(service: ServiceProcess) -> None:
     ns = make_namespace()
-    keys, blocks = make_ns_keys(ns, 3, seed=22), make_blocks(3, seed=22)
+    keys, blocks = make_prefix_keys(ns, 3, seed=22), make_payloads(3, seed=22)
     async with AsyncCacheClient(service.url) as c:
         info = await c.register(ns, BLOCK_BYTES)
         assert await c.put_blocks(info.ns, keys, b"".join(blocks)) == 3
@@ -125,19 +127,19 @@ async def test_async_client_flat_acquire(service: ServiceProcess) -> None:
 
 @pytest.mark.redis
 def test_flat_acquire_finds_continuation_only_in_redis(make_service, tmp_path) -> None:
-    from tests.tiers.conftest import start_redis
+    from tests.processes import start_redis
 
     redis = start_redis(tmp_path / "redis")
     try:
-        writer = make_service("writer", extra=["--redis-url", redis.url])
+        writer = make_inproc_service("writer", extra=["--redis-url", redis.url])
         ns = make_namespace()
-        keys, blocks = make_ns_keys(ns, 4, seed=23), make_blocks(4, seed=23)
+        keys, blocks = make_prefix_keys(ns, 4, seed=23), make_payloads(4, seed=23)
         with writer.client() as c:
             info = c.register(ns, BLOCK_BYTES)
             assert c.put_blocks(info.ns, keys, b"".join(blocks)) == 4
         assert writer.stop() == 0, writer.output()  # drains write-down into Redis
         # Another host: its own arena and disk, the same Redis.
-        reader = make_service("reader", extra=["--redis-url", redis.url])
+        reader = make_inproc_service("reader", extra=["--redis-url", redis.url])
         with reader.client() as c:
             info = c.register(ns, BLOCK_BYTES)
             acq = c.acquire(info.ns, keys[2:], flat=True)

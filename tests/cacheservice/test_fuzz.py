@@ -13,13 +13,8 @@ from hypothesis import strategies as st
 
 from cacheservice.calls import headers as client_headers
 from index.hashing import ROOT_KEY
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    ServiceProcess,
-    make_blocks,
-    make_keys,
-    make_namespace,
-)
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import ServiceProcess
 
 ENDPOINTS = [
     "/v1/namespace", "/v1/lookup", "/v1/acquire", "/v1/release", "/v1/reserve", "/v1/commit",
@@ -29,8 +24,8 @@ ENDPOINTS = [
 WATCHED = ("blocks", "bytes", "leases", "namespaces", "chunks", "stores", "hits", "misses")
 WATCHED += ("reserved_slots",)
 NS = make_namespace()
-KEYS = make_keys(NS, 6, seed=99)
-BLOCKS = make_blocks(6, seed=99)
+KEYS = make_prefix_keys(NS, 6, seed=99)
+BLOCKS = make_payloads(6, seed=99)
 
 key = st.sampled_from([*KEYS, ROOT_KEY]) | st.binary(min_size=0, max_size=20)
 keys = st.lists(st.sampled_from([*KEYS, ROOT_KEY]), max_size=8).map(b"".join) | st.binary(

@@ -10,14 +10,8 @@ import pytest
 from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from index.hashing import ROOT_KEY, chunk_block_keys, chunk_key
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    SLOT_BYTES,
-    ServiceProcess,
-    make_blocks,
-    make_keys,
-    make_namespace,
-)
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import SLOT_BYTES, ServiceProcess
 from tiers.base import checksum
 
 
@@ -34,7 +28,7 @@ def test_register_namespace_describes_the_arena(service: ServiceProcess, client)
 def test_put_lookup_get_roundtrip(client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    keys, blocks = make_keys(ns, 6), make_blocks(6)
+    keys, blocks = make_prefix_keys(ns, 6), make_payloads(6)
     assert client.lookup(info.ns, keys).hits == 0
     assert client.put_blocks(info.ns, keys[:4], b"".join(blocks[:4])) == 4
     hit = client.lookup(info.ns, keys)
@@ -50,7 +44,7 @@ def test_put_lookup_get_roundtrip(client: CacheClient) -> None:
 def test_get_blocks_without_prefix_reports_present(client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    keys, blocks = make_keys(ns, 3, seed=1), make_blocks(3, seed=1)
+    keys, blocks = make_prefix_keys(ns, 3, seed=1), make_payloads(3, seed=1)
     assert client.put_blocks(info.ns, [keys[1]], blocks[1], flat=True) == 1
     assert client.get_blocks(info.ns, keys).count == 0  # block 0 missing: empty prefix
     got = client.get_blocks(info.ns, keys, prefix=False)
@@ -61,7 +55,7 @@ def test_get_blocks_without_prefix_reports_present(client: CacheClient) -> None:
 def test_flat_keys_each_hit_alone(client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    keys, blocks = make_keys(ns, 3, seed=2), make_blocks(3, seed=2)
+    keys, blocks = make_prefix_keys(ns, 3, seed=2), make_payloads(3, seed=2)
     assert client.put_blocks(info.ns, keys, b"".join(blocks), flat=True) == 3
     assert client.exists(info.ns, keys) == 3
     assert client.exists(info.ns, keys[1:]) == 2
@@ -70,7 +64,7 @@ def test_flat_keys_each_hit_alone(client: CacheClient) -> None:
 def test_reserve_commit_acquire_release_through_the_arena(client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    keys, blocks = make_keys(ns, 3, seed=3), make_blocks(3, seed=3)
+    keys, blocks = make_prefix_keys(ns, 3, seed=3), make_payloads(3, seed=3)
     arena = ArenaView.open(info.arena["path"])
     try:
         res = client.reserve(info.ns, keys, ROOT_KEY)
@@ -101,7 +95,7 @@ def test_chunks_register_and_lookup(client: CacheClient) -> None:
     tokens = list(range(1000, 1040))  # 2.5 blocks: the tail block is partial
     ck = chunk_key(tokens, ns.seed)
     bkeys = chunk_block_keys(tokens, ns.seed, ns.block_tokens)
-    blocks = make_blocks(len(bkeys), seed=4)
+    blocks = make_payloads(len(bkeys), seed=4)
     assert client.register_chunk(info.ns, ck, 40, 128, bkeys, b"".join(blocks))
     other = chunk_key([1, 2, 3], ns.seed)
     entries = client.lookup_chunks(info.ns, [ck, other])
@@ -116,8 +110,8 @@ def test_stats_count_hits_and_stores(client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
     before = client.stats()
-    keys = make_keys(ns, 2, seed=5)
-    client.put_blocks(info.ns, keys, b"".join(make_blocks(2, seed=5)))
+    keys = make_prefix_keys(ns, 2, seed=5)
+    client.put_blocks(info.ns, keys, b"".join(make_payloads(2, seed=5)))
     client.get_blocks(info.ns, keys)
     after = client.stats()
     assert after["stores"] >= before["stores"] + 2
@@ -130,7 +124,7 @@ def test_metrics_is_prometheus_text(client: CacheClient) -> None:
 
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    client.lookup(info.ns, make_keys(ns, 2))
+    client.lookup(info.ns, make_prefix_keys(ns, 2))
     families = {f.name: f for f in parser.text_string_to_metric_families(client.metrics())}
     requests = families["cacheservice_requests"].samples
     assert any(
@@ -155,7 +149,7 @@ def test_metrics_is_prometheus_text(client: CacheClient) -> None:
 def test_restart_on_same_disk_still_hits(make_service) -> None:
     svc = make_service("persist")
     ns = make_namespace()
-    keys, blocks = make_keys(ns, 5, seed=6), make_blocks(5, seed=6)
+    keys, blocks = make_prefix_keys(ns, 5, seed=6), make_payloads(5, seed=6)
     with svc.client() as c:
         info = c.register(ns, BLOCK_BYTES)
         assert c.put_blocks(info.ns, keys, b"".join(blocks)) == 5
@@ -181,21 +175,21 @@ def test_unix_socket_mode(make_service) -> None:
     with svc.client() as c:
         assert c.health()
         info = c.register(ns, BLOCK_BYTES)
-        keys = make_keys(ns, 2)
-        assert c.put_blocks(info.ns, keys, b"".join(make_blocks(2))) == 2
+        keys = make_prefix_keys(ns, 2)
+        assert c.put_blocks(info.ns, keys, b"".join(make_payloads(2))) == 2
     with CacheClient(svc.http_url) as tcp:  # TCP serves the same state
         assert tcp.lookup(info.ns, keys).hits == 2
 
 
 @pytest.mark.redis
 def test_redis_tier_shares_blocks_between_services(make_service, tmp_path) -> None:
-    from tests.tiers.conftest import start_redis
+    from tests.processes import start_redis
 
     redis = start_redis(tmp_path / "redis")
     try:
         svc = make_service("redis", extra=["--redis-url", redis.url, "--redis-bytes", "8MiB"])
         ns = make_namespace()
-        keys, blocks = make_keys(ns, 3, seed=9), make_blocks(3, seed=9)
+        keys, blocks = make_prefix_keys(ns, 3, seed=9), make_payloads(3, seed=9)
         with svc.client() as c:
             info = c.register(ns, BLOCK_BYTES)
             assert c.put_blocks(info.ns, keys, b"".join(blocks)) == 3
@@ -216,8 +210,8 @@ def test_redis_tier_shares_blocks_between_services(make_service, tmp_path) -> No
 def test_unreleased_lease_expires(client: CacheClient) -> None:
     ns = make_namespace()
     info = client.register(ns, BLOCK_BYTES)
-    keys = make_keys(ns, 2, seed=10)
-    client.put_blocks(info.ns, keys, b"".join(make_blocks(2, seed=10)))
+    keys = make_prefix_keys(ns, 2, seed=10)
+    client.put_blocks(info.ns, keys, b"".join(make_payloads(2, seed=10)))
     before = client.stats()["leases"]
     acq = client.acquire(info.ns, keys, lease_ms=50)  # an engine that crashed mid-read
     assert len(acq.slots) == 2 and client.stats()["leases"] == before + 1

@@ -14,13 +14,8 @@ from cacheservice.calls import headers as client_headers
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, TooLarge
 from index.hashing import ROOT_KEY
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    ServiceProcess,
-    make_blocks,
-    make_keys,
-    make_namespace,
-)
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import ServiceProcess
 
 
 def post(svc: ServiceProcess, path: str, body: bytes, **headers: str) -> tuple[int, dict]:
@@ -51,8 +46,8 @@ def ns(client: CacheClient) -> str:
 def test_cycle_and_self_parent_are_400_and_consume_nothing(
     service: ServiceProcess, client: CacheClient, ns: str
 ) -> None:
-    a, b = make_keys(make_namespace(), 2, seed=3)
-    data = b"".join(make_blocks(2))
+    a, b = make_prefix_keys(make_namespace(), 2, seed=3)
+    data = b"".join(make_payloads(2))
     before = host_state(client)
     for _ in range(50):  # repeated: a leak per request would exhaust the arena
         bodies = [
@@ -72,8 +67,8 @@ def test_cycle_and_self_parent_are_400_and_consume_nothing(
 
 
 def test_cycle_across_requests_is_refused_without_a_hang(client: CacheClient, ns: str) -> None:
-    a, b = make_keys(make_namespace(), 2, seed=4)
-    one, two = make_blocks(2, seed=4)
+    a, b = make_prefix_keys(make_namespace(), 2, seed=4)
+    one, two = make_payloads(2, seed=4)
     assert client.put_blocks(ns, [b], one, parent=a) == 1  # b hangs under a stub for a
     before = host_state(client)
     start = time.monotonic()
@@ -85,15 +80,15 @@ def test_cycle_across_requests_is_refused_without_a_hang(client: CacheClient, ns
 
 
 def test_repeated_keys_and_oversize_answers_are_refused(client: CacheClient, ns: str) -> None:
-    keys = make_keys(make_namespace(), 2, seed=5)
-    assert client.put_blocks(ns, keys, b"".join(make_blocks(2, seed=5))) == 2
+    keys = make_prefix_keys(make_namespace(), 2, seed=5)
+    assert client.put_blocks(ns, keys, b"".join(make_payloads(2, seed=5))) == 2
     with pytest.raises(BadRequest, match="repeats"):
         client.get_blocks(ns, [keys[0]] * 4096, prefix=False)
     with pytest.raises(BadRequest, match="repeats"):
         client.lookup(ns, [keys[0], keys[0]])
     # 16 MiB of distinct keys' blocks would exceed the 64 MiB answer bound at 4 KiB blocks.
     big = client.register(make_namespace(), 4032)
-    many = make_keys(make_namespace(), 20_000, seed=6)
+    many = make_prefix_keys(make_namespace(), 20_000, seed=6)
     with pytest.raises(TooLarge, match="at most"):
         client.get_blocks(big.ns, many, prefix=False)
 
@@ -123,7 +118,7 @@ def _rss(svc: ServiceProcess) -> int:
 def test_other_namespace_keys_read_nothing(client: CacheClient) -> None:
     a = client.register(make_namespace(), BLOCK_BYTES)
     b = client.register(make_namespace(), BLOCK_BYTES)
-    keys, blocks = make_keys(make_namespace(), 8, seed=8), make_blocks(8, seed=8)
+    keys, blocks = make_prefix_keys(make_namespace(), 8, seed=8), make_payloads(8, seed=8)
     assert client.put_blocks(a.ns, keys, b"".join(blocks)) == 8
     assert client.get_blocks(b.ns, keys, prefix=False).count == 0
     acq = client.acquire(b.ns, keys)
@@ -134,7 +129,7 @@ def test_other_namespace_keys_read_nothing(client: CacheClient) -> None:
 def test_empty_acquire_opens_no_lease(client: CacheClient, ns: str) -> None:
     before = client.stats()["leases"]
     for seed in range(200):
-        acq = client.acquire(ns, make_keys(make_namespace(), 1, seed=100 + seed))
+        acq = client.acquire(ns, make_prefix_keys(make_namespace(), 1, seed=100 + seed))
         assert acq.lease == "" and acq.slots == []
     assert client.stats()["leases"] == before
 
@@ -143,10 +138,10 @@ def test_lease_length_is_capped_by_the_service(make_service) -> None:
     svc = make_service(extra=["--lease-ms", "600"])
     with svc.client() as c:
         ns = c.register(make_namespace(), BLOCK_BYTES).ns
-        keys = make_keys(make_namespace(), 4, seed=9)
-        assert c.put_blocks(ns, keys, b"".join(make_blocks(4, seed=9))) == 4
+        keys = make_prefix_keys(make_namespace(), 4, seed=9)
+        assert c.put_blocks(ns, keys, b"".join(make_payloads(4, seed=9))) == 4
         c.acquire(ns, keys, lease_ms=3_600_000)
-        c.reserve(ns, make_keys(make_namespace(), 4, seed=10))
+        c.reserve(ns, make_prefix_keys(make_namespace(), 4, seed=10))
         assert c.stats()["leases"] == 2
         deadline = time.monotonic() + 5
         while c.stats()["leases"] and time.monotonic() < deadline:
@@ -158,12 +153,12 @@ def test_one_reserve_cannot_take_the_arena(make_service) -> None:
     svc = make_service()  # 256 slots of 4 KiB
     with svc.client() as c:
         ns = c.register(make_namespace(), BLOCK_BYTES).ns
-        old = make_keys(make_namespace(), 100, seed=11)
-        assert c.put_blocks(ns, old, b"".join(make_blocks(100, seed=11))) == 100
-        res = c.reserve(ns, make_keys(make_namespace(), 1000, seed=12)[:1000])
+        old = make_prefix_keys(make_namespace(), 100, seed=11)
+        assert c.put_blocks(ns, old, b"".join(make_payloads(100, seed=11))) == 100
+        res = c.reserve(ns, make_prefix_keys(make_namespace(), 1000, seed=12)[:1000])
         granted = sum(s is not None for s in res.slots)
         assert 0 < granted <= 128
-        again = c.reserve(ns, make_keys(make_namespace(), 1000, seed=13))
+        again = c.reserve(ns, make_prefix_keys(make_namespace(), 1000, seed=13))
         assert granted + sum(s is not None for s in again.slots) <= 192
         c.release(res.lease)
         c.release(again.lease)

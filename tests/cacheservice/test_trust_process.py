@@ -15,14 +15,8 @@ import pytest
 from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import Unauthorized
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    make_blocks,
-    make_keys,
-    make_namespace,
-    start_service,
-)
-from tests.processes import free_port, run_serve, service_args
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import free_port, run_serve, service_args, start_service
 
 
 def test_second_serve_on_a_busy_port_leaves_the_live_arena_alone(tmp_path: Path) -> None:
@@ -80,7 +74,7 @@ def test_files_are_private(tmp_path: Path) -> None:
     with svc.client() as c:
         ns = make_namespace()
         info = c.register(ns, BLOCK_BYTES)
-        assert c.put_blocks(info.ns, make_keys(ns, 2), b"".join(make_blocks(2))) == 2
+        assert c.put_blocks(info.ns, make_prefix_keys(ns, 2), b"".join(make_payloads(2))) == 2
     svc.stop()  # drains write-down
     disk = tmp_path / "svc" / "disk"
     files = [p for d in disk.iterdir() for p in d.iterdir()]

@@ -17,14 +17,8 @@ import redis
 
 from cacheservice.errors import CacheServiceError
 from index.hashing import ROOT_KEY, chunk_block_keys, chunk_key
-from tests.cacheservice.conftest import (
-    BLOCK_BYTES,
-    make_blocks,
-    make_keys,
-    make_namespace,
-    start_service,
-)
-from tests.processes import start_redis
+from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
+from tests.processes import start_redis, start_service
 from tiers.base import FLAG_MANIFEST, BlockMeta, encode_block
 
 
@@ -37,7 +31,7 @@ def plant_file(disk: Path, meta: BlockMeta, payload: bytes) -> None:
 def poison(seed: int) -> list[tuple[BlockMeta, bytes]]:
     """Headers that parse and verify but would break a tree: the root as a key, a block that
     is its own parent, two blocks naming each other."""
-    payload = make_blocks(1, seed=seed)[0]
+    payload = make_payloads(1, seed=seed)[0]
     a, b, c = (bytes([seed, i]) * 8 for i in (1, 2, 3))
     metas = [
         BlockMeta.for_payload(1, ROOT_KEY, a, payload),
@@ -50,7 +44,7 @@ def poison(seed: int) -> list[tuple[BlockMeta, bytes]]:
 
 def test_poisoned_disk_headers_are_skipped_at_start(tmp_path: Path) -> None:
     ns = make_namespace()
-    keys, blocks = make_keys(ns, 4, seed=1), make_blocks(4, seed=1)
+    keys, blocks = make_prefix_keys(ns, 4, seed=1), make_payloads(4, seed=1)
     svc = start_service(tmp_path / "svc")
     with svc.client() as c:
         info = c.register(ns, BLOCK_BYTES)
@@ -99,7 +93,7 @@ def test_tmpfs_disk_keeps_blocks_and_namespaces_across_restarts(make_mount) -> N
     root = make_mount("64m")
     svc = start_service(root / "svc")
     ns = make_namespace()
-    keys, blocks = make_keys(ns, 200, seed=2), make_blocks(200, seed=2)
+    keys, blocks = make_prefix_keys(ns, 200, seed=2), make_payloads(200, seed=2)
     with svc.client() as c:
         info = c.register(ns, BLOCK_BYTES)
         for i in range(0, 200, 50):
@@ -123,7 +117,7 @@ def test_namespace_is_durable_before_its_answer(tmp_path: Path) -> None:
     svc.start()
     with svc.client() as c:
         for ns_id in ids:
-            assert c.lookup(ns_id, make_keys(namespaces[0], 1)).hits == 0  # known: no 404
+            assert c.lookup(ns_id, make_prefix_keys(namespaces[0], 1)).hits == 0  # known: no 404
     svc.stop(signal.SIGKILL)
 
 
@@ -144,8 +138,8 @@ def test_kill_9_during_writes_serves_only_what_was_written(tmp_path: Path) -> No
                 for i in range(10_000):
                     if stop.is_set():
                         return
-                    keys = make_keys(ns, 4, seed=seed * 100_000 + i)
-                    blocks = make_blocks(4, seed=seed * 100_000 + i)
+                    keys = make_prefix_keys(ns, 4, seed=seed * 100_000 + i)
+                    blocks = make_payloads(4, seed=seed * 100_000 + i)
                     written.update(zip(keys, blocks, strict=True))
                     try:
                         c.put_blocks(ns_id, keys, b"".join(blocks))
@@ -188,7 +182,7 @@ def test_chunks_leave_with_their_blocks(tmp_path: Path) -> None:
         for i in range(200):
             tokens = list(range(i * 100, i * 100 + ns.block_tokens))
             ck, keys = chunk_key(tokens, ns.seed), chunk_block_keys(tokens, ns.seed, 16)
-            registered += c.register_chunk(ns_id, ck, 16, 0, keys, make_blocks(1, seed=i)[0])
+            registered += c.register_chunk(ns_id, ck, 16, 0, keys, make_payloads(1, seed=i)[0])
         assert registered > 0
         live = c.stats()["chunks"]
         assert live < registered  # evicted blocks took their chunks along
@@ -207,7 +201,7 @@ def test_chunks_leave_with_their_blocks(tmp_path: Path) -> None:
 def test_corrupt_and_io_errors_are_counted_apart(tmp_path: Path) -> None:
     svc = start_service(tmp_path / "svc", extra=["--arena-bytes", "16KiB"])
     ns = make_namespace()
-    keys, blocks = make_keys(ns, 12, seed=3), make_blocks(12, seed=3)
+    keys, blocks = make_prefix_keys(ns, 12, seed=3), make_payloads(12, seed=3)
     with svc.client() as c:
         ns_id = c.register(ns, BLOCK_BYTES).ns
         assert c.put_blocks(ns_id, keys, b"".join(blocks)) == 12
@@ -234,7 +228,7 @@ def test_lookup_never_waits_on_a_stalled_redis(tmp_path: Path, how: str) -> None
         with svc.client(timeout=5.0) as c:
             ns = make_namespace()
             info = c.register(ns, BLOCK_BYTES)
-            keys = make_keys(ns, 8, seed=4)
+            keys = make_prefix_keys(ns, 8, seed=4)
             assert c.lookup(info.ns, keys).hits == 0  # Redis answers: a plain miss
             if how == "SIGSTOP":
                 server.proc.send_signal(signal.SIGSTOP)
@@ -249,7 +243,7 @@ def test_lookup_never_waits_on_a_stalled_redis(tmp_path: Path, how: str) -> None
             times = []
             for i in range(10):
                 start = time.monotonic()
-                assert c.lookup(info.ns, make_keys(ns, 8, seed=10 + i)).hits == 0
+                assert c.lookup(info.ns, make_prefix_keys(ns, 8, seed=10 + i)).hits == 0
                 times.append(time.monotonic() - start)
             assert max(times) < 0.25, times  # the 50 ms budget plus HTTP, never Redis' pace
             assert c.stats()["remote_timeouts"] >= 1
@@ -267,7 +261,7 @@ def test_start_up_counts_what_it_removes(tmp_path: Path) -> None:
     odd = msgpack.packb({"kind": "from-the-future", "x": 1})
     unknown = BlockMeta.for_payload(1, b"\x05" * 16, ROOT_KEY, odd, FLAG_MANIFEST)
     plant_file(disk, unknown, odd)
-    payload = make_blocks(1, seed=6)[0]
+    payload = make_payloads(1, seed=6)[0]
     torn = BlockMeta.for_payload(1, b"\x06" * 16, ROOT_KEY, payload)
     plant_file(disk, torn, payload)
     torn_path = disk / "06" / f"{torn.key.hex()}.blk"

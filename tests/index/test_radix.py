@@ -10,7 +10,7 @@ from index.radix import PrefixTree
 SEED = 1234
 
 
-def make_keys(n: int, start: int = 0) -> list[bytes]:
+def radix_keys(n: int, start: int = 0) -> list[bytes]:
     return prefix_keys(list(range(start, start + 4 * n)), SEED, 4)
 
 
@@ -27,19 +27,19 @@ def insert_chain(tree: PrefixTree, keys: list[bytes], tier: str, parent: bytes =
 
 
 def test_match_full_partial_and_none():
-    keys = make_keys(10)
+    keys = radix_keys(10)
     tree = make_tree(keys[:6])
     tree.check_integrity()
     assert tree.match(keys[:6]).length == 6
     r = tree.match(keys)
     assert r.length == 6 and r.tiers == ["host"] * 6
-    assert tree.match(make_keys(3, start=999)).length == 0
+    assert tree.match(radix_keys(3, start=999)).length == 0
     assert tree.match([]).length == 0
     assert len(tree) == 6
 
 
 def test_match_reports_fastest_tier():
-    keys = make_keys(4)
+    keys = radix_keys(4)
     tree = make_tree(keys, "disk")
     tree.add_tier(keys[1], "host")
     tree.add_tier(keys[2], "redis")
@@ -51,7 +51,7 @@ def test_match_reports_fastest_tier():
 
 
 def test_branching_prompts_share_prefix():
-    a = make_keys(8)
+    a = radix_keys(8)
     tree = make_tree(a)
     b = prefix_keys(list(range(16)) + [777] * 12, SEED, 4)  # shares 4 blocks with a
     assert b[:4] == a[:4] and b[4] != a[4]
@@ -63,7 +63,7 @@ def test_branching_prompts_share_prefix():
 
 def test_broken_chain_falls_back_to_walk():
     # flat inserts (every key under ROOT) must not be matched as a chain
-    keys = make_keys(5)
+    keys = radix_keys(5)
     tree = PrefixTree()
     for k in keys:
         tree.insert(ROOT_KEY, k, "host", 1)
@@ -73,8 +73,8 @@ def test_broken_chain_falls_back_to_walk():
 
 
 def test_chain_under_wrong_parent_is_not_a_hit():
-    keys = make_keys(4)
-    other = make_keys(2, start=500)
+    keys = radix_keys(4)
+    other = radix_keys(2, start=500)
     tree = make_tree(other)
     tree.insert(ROOT_KEY, keys[0], "host", 1)
     # keys[1] claimed to follow other[0] (a lying client): depth 2 but not under keys[0]
@@ -84,7 +84,7 @@ def test_chain_under_wrong_parent_is_not_a_hit():
 
 
 def test_unknown_parent_makes_stub_then_reattaches():
-    keys = make_keys(6)
+    keys = radix_keys(6)
     tree = PrefixTree()
     insert_chain(tree, keys[3:], "disk", parent=keys[2])
     tree.check_integrity()
@@ -112,7 +112,7 @@ def test_chunk_blocks_hang_under_chunk_key():
 
 
 def test_remove_last_tier_of_internal_node_makes_stub():
-    keys = make_keys(5)
+    keys = radix_keys(5)
     tree = make_tree(keys, "disk")
     tree.remove_tier(keys[2], "disk")  # e.g. corrupt on disk
     tree.check_integrity()
@@ -124,7 +124,7 @@ def test_remove_last_tier_of_internal_node_makes_stub():
 
 
 def test_remove_leaf_drops_and_unknown_is_noop():
-    keys = make_keys(3)
+    keys = radix_keys(3)
     tree = make_tree(keys)
     tree.remove_tier(keys[2], "host")
     tree.remove_tier(keys[2], "host")
@@ -136,7 +136,7 @@ def test_remove_leaf_drops_and_unknown_is_noop():
 
 
 def test_evict_candidates_lru_leaf_first():
-    a, b = make_keys(3), make_keys(3, start=100)
+    a, b = radix_keys(3), radix_keys(3, start=100)
     tree = make_tree(a)
     insert_chain(tree, b, "host")
     # only leaves can go: b is newer, so a's leaf first
@@ -152,7 +152,7 @@ def test_evict_candidates_lru_leaf_first():
 
 
 def test_evict_candidates_internal_when_held_elsewhere():
-    keys = make_keys(3)
+    keys = radix_keys(3)
     tree = make_tree(keys)
     tree.add_tier(keys[0], "disk")
     tree.touch(keys)
@@ -164,7 +164,7 @@ def test_evict_candidates_internal_when_held_elsewhere():
 
 
 def test_pin_protects_from_eviction():
-    keys = make_keys(2)
+    keys = radix_keys(2)
     tree = make_tree(keys)
     handles = tree.pin(keys[1:])
     assert tree.evict_candidates("host", 5) == []
@@ -178,7 +178,7 @@ def test_pin_protects_from_eviction():
 
 
 def test_pin_handle_survives_drop_and_reinsert():
-    keys = make_keys(2)
+    keys = radix_keys(2)
     tree = make_tree(keys)
     handles = tree.pin(keys)
     tree.remove_tier(keys[1], "host")
@@ -189,7 +189,7 @@ def test_pin_handle_survives_drop_and_reinsert():
 
 
 def test_pinned_internal_stub_disappears_after_unpin():
-    keys = make_keys(3)
+    keys = radix_keys(3)
     tree = make_tree(keys)
     handles = tree.pin(keys)
     tree.remove_tier(keys[1], "host")  # internal -> stub (pinned)
@@ -202,7 +202,7 @@ def test_pinned_internal_stub_disappears_after_unpin():
 
 def test_random_operations_keep_integrity():
     rng = random.Random(7)
-    prompts = [make_keys(rng.randint(1, 12), start=rng.choice([0, 0, 50, 400])) for _ in range(30)]
+    prompts = [radix_keys(rng.randint(1, 12), start=rng.choice([0, 0, 50, 400])) for _ in range(30)]
     tree = PrefixTree()
     pins = []
     for step in range(600):
@@ -232,7 +232,7 @@ def test_random_operations_keep_integrity():
 
 
 def test_insert_refuses_edges_that_break_the_tree():
-    a, b, c = make_keys(3)
+    a, b, c = radix_keys(3)
     tree = PrefixTree()
     assert not tree.insert(a, a, "host", 1)  # its own parent
     assert not tree.insert(a, ROOT_KEY, "host", 1)  # the root as a block
@@ -250,7 +250,7 @@ def test_insert_refuses_edges_that_break_the_tree():
 
 def test_random_hostile_edges_never_loop():
     rng = random.Random(7)
-    keys = make_keys(12)
+    keys = radix_keys(12)
     tree = PrefixTree()
     for _ in range(3000):
         parent = rng.choice([ROOT_KEY, *keys])

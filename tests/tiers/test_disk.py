@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.tiers.conftest import DAMAGES, damage_file, make_meta, make_payload
+from tests.factories import DAMAGES, damage_file, make_block_chain, make_meta, make_payload
 from tiers.base import HEADER_BYTES
 from tiers.disk import DiskTier
 
@@ -20,8 +20,8 @@ def files(root: str) -> list[str]:
     return sorted(name for _, _, names in os.walk(root) for name in names)
 
 
-async def test_round_trip(disk: DiskTier, make_blocks):
-    blocks = make_blocks(3, 5000)
+async def test_round_trip(disk: DiskTier):
+    blocks = make_block_chain(3, 5000)
     assert await disk.put_many([(b.meta, b.payload) for b in blocks]) == [True] * 3
     assert await disk.put(blocks[0].meta, blocks[0].payload)  # already stored
     assert disk.used_bytes == 3 * (HEADER_BYTES + 5000)
@@ -38,9 +38,9 @@ async def test_round_trip(disk: DiskTier, make_blocks):
     disk.check_integrity()
 
 
-async def test_full_disk_refuses(tmp_path, make_blocks):
+async def test_full_disk_refuses(tmp_path):
     disk = DiskTier(str(tmp_path / "d"), 2 * (HEADER_BYTES + 1000) + 10)
-    blocks = make_blocks(3, 1000)
+    blocks = make_block_chain(3, 1000)
     assert await disk.put_many([(b.meta, b.payload) for b in blocks]) == [True, True, False]
     assert len(files(disk.path)) == 2 and disk.used_bytes <= disk.capacity_bytes
     assert await disk.get(blocks[2].meta.key) is None
@@ -60,10 +60,10 @@ async def test_damaged_file_is_a_miss_and_deleted(disk: DiskTier, damage: str):
     disk.check_integrity()
 
 
-async def test_restart_rebuilds_from_files(tmp_path, make_blocks):
+async def test_restart_rebuilds_from_files(tmp_path):
     root = str(tmp_path / "disk")
     first = DiskTier(root, 1 << 20)
-    blocks = make_blocks(4, 2000)
+    blocks = make_block_chain(4, 2000)
     await first.put_many([(b.meta, b.payload) for b in blocks])
     await first.close()
     bad = blocks[3].meta.key.hex()

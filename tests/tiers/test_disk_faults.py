@@ -13,13 +13,12 @@ from pathlib import Path
 
 from index.hashing import ROOT_KEY
 from index.radix import PrefixTree
+from tests.factories import make_key, make_payload
 from tests.processes import REPO
 from tiers.base import HEADER_BYTES, BlockMeta
 from tiers.disk import DiskTier
 from tiers.host import HostTier
 from tiers.stack import TierStack
-
-from .conftest import make_key, make_payload
 
 
 def items(n: int, size: int = 4096, start: int = 0) -> list[tuple[BlockMeta, bytes]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tiers.disk
-from tests.tiers.conftest import DAMAGES, damage_file, make_meta, make_payload
+from tests.factories import DAMAGES, damage_file, make_meta, make_payload
 from tests.tiers.test_stack import keys_of, make_chain, make_stack
 from tiers.base import HEADER_BYTES
 from tiers.disk import DiskTier

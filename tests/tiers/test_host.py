@@ -12,7 +12,7 @@ import xxhash
 
 from cacheservice.arena import ArenaView
 from cacheservice.errors import BadRequest
-from tests.tiers.conftest import make_meta, make_payload
+from tests.factories import make_meta, make_payload
 from tiers.base import HEADER_BYTES
 from tiers.host import ArenaError, HostTier
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.tiers.conftest import make_meta, make_payload
+from tests.factories import make_meta, make_payload
 from tiers import pagecache
 from tiers.base import HEADER_BYTES, CorruptBlock
 from tiers.disk import DiskTier

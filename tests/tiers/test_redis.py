@@ -9,7 +9,8 @@ import time
 import pytest
 import redis
 
-from tests.tiers.conftest import RedisProcess, make_meta, make_payload
+from tests.factories import make_block_chain, make_meta, make_payload
+from tests.processes import RedisProcess
 from tiers.base import HEADER_BYTES
 from tiers.redis import RedisTier
 
@@ -30,8 +31,8 @@ def raw(redis_server: str):
     client.close()
 
 
-async def test_round_trip(tier: RedisTier, raw: redis.Redis, make_blocks):
-    blocks = make_blocks(3, 3000)
+async def test_round_trip(tier: RedisTier, raw: redis.Redis):
+    blocks = make_block_chain(3, 3000)
     assert await tier.put_many([(b.meta, b.payload) for b in blocks]) == [True] * 3
     value = raw.get(b"t:" + blocks[0].meta.key.hex().encode())
     assert value == blocks[0].meta.encode() + blocks[0].payload  # one value: header + payload
@@ -46,9 +47,9 @@ async def test_round_trip(tier: RedisTier, raw: redis.Redis, make_blocks):
     tier.check_integrity()
 
 
-async def test_full_tier_refuses(redis_server: str, make_blocks):
+async def test_full_tier_refuses(redis_server: str):
     tier = RedisTier(redis_server, 2 * (HEADER_BYTES + 1000))
-    blocks = make_blocks(3, 1000)
+    blocks = make_block_chain(3, 1000)
     assert await tier.put_many([(b.meta, b.payload) for b in blocks]) == [True, True, False]
     assert not await tier.contains(blocks[2].meta.key)
     assert await tier.put(blocks[0].meta, blocks[0].payload)  # re-put of a stored block fits
@@ -71,9 +72,9 @@ async def test_corrupt_value_is_a_miss_and_deleted(tier: RedisTier, raw: redis.R
     tier.check_integrity()
 
 
-async def test_scan_rebuilds_from_headers(redis_server: str, raw: redis.Redis, make_blocks):
+async def test_scan_rebuilds_from_headers(redis_server: str, raw: redis.Redis):
     writer = RedisTier(redis_server, 1 << 24, prefix="t:")
-    blocks = make_blocks(600, 100)  # more than one SCAN batch
+    blocks = make_block_chain(600, 100)  # more than one SCAN batch
     await writer.put_many([(b.meta, b.payload) for b in blocks])
     await writer.close()
     raw.set(b"t:not-hex", b"x")  # foreign keys under the prefix are left alone
@@ -131,8 +132,8 @@ async def test_server_down_is_a_miss_not_an_error(redis_proc: RedisProcess):
     await tier.close()
 
 
-async def test_corrupt_value_in_a_pipelined_batch(tier: RedisTier, raw: redis.Redis, make_blocks):
-    blocks = make_blocks(4, 300_000)  # values larger than the reader's line buffer
+async def test_corrupt_value_in_a_pipelined_batch(tier: RedisTier, raw: redis.Redis):
+    blocks = make_block_chain(4, 300_000)  # values larger than the reader's line buffer
     assert await tier.put_many([(b.meta, b.payload) for b in blocks]) == [True] * 4
     rkey = b"t:" + blocks[1].meta.key.hex().encode()
     raw.setrange(rkey, HEADER_BYTES + 99_999, b"\0\0\0")
@@ -144,8 +145,8 @@ async def test_corrupt_value_in_a_pipelined_batch(tier: RedisTier, raw: redis.Re
     tier.check_integrity()
 
 
-async def test_concurrent_batches_use_separate_connections(tier: RedisTier, make_blocks):
-    blocks = make_blocks(12, 200_000)
+async def test_concurrent_batches_use_separate_connections(tier: RedisTier):
+    blocks = make_block_chain(12, 200_000)
     items = [(b.meta, b.payload) for b in blocks]
     puts = await asyncio.gather(*(tier.put_many(items[i : i + 3]) for i in range(0, 12, 3)))
     assert puts == [[True] * 3] * 4
@@ -172,9 +173,9 @@ async def test_selects_the_url_database(redis_proc: RedisProcess):
 
 
 @pytest.mark.parametrize("op", ["put_many", "get_many"])
-async def test_server_killed_mid_batch(redis_proc: RedisProcess, make_blocks, op: str):
+async def test_server_killed_mid_batch(redis_proc: RedisProcess, op: str):
     tier = RedisTier(redis_proc.url, 1 << 30, connect_timeout=1.0, retry_after=5.0)
-    blocks = make_blocks(8, 4 << 20)
+    blocks = make_block_chain(8, 4 << 20)
     items = [(b.meta, b.payload) for b in blocks]
     if op == "get_many":
         assert await tier.put_many(items) == [True] * 8

@@ -7,12 +7,11 @@ import pytest
 
 from index.hashing import ROOT_KEY
 from index.radix import PrefixTree
+from tests.factories import make_payload
 from tiers.base import FLAG_MANIFEST, HEADER_BYTES, BlockMeta
 from tiers.disk import DiskTier
 from tiers.host import HostTier
 from tiers.stack import TierStack
-
-from .conftest import make_payload
 
 SIZE = 1024
 SLOT = 4096

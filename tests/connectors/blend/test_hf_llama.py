@@ -58,8 +58,7 @@ def test_converted_llama2c_matches_the_original(tmp_path):
     from tests.connectors.vllm.llama2c_hf import convert
 
     root = llama2c.shared_dir()
-    if root is None:
-        pytest.skip("llama2.c model missing: set CACHESERVICE_SHARED to the shared dir")
+    assert root is not None, "the llama2.c model ships in tests/assets/models"
     model, tok = llama2c.load(root)
     hf = HFLlama(convert(tmp_path / "hf", root))
     assert hf.head_dim == 32 and hf.rope.layout == "neox"

@@ -15,8 +15,7 @@ from connectors.blend.recompute import (
     blend_prefill,
     encode_chunk,
 )
-
-from .conftest import make_rag_prompt
+from tests.connectors.blend.prompts import make_rag_prompt
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

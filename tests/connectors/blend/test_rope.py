@@ -9,7 +9,7 @@ from cacheservice.errors import BadRequest
 from connectors.blend.rope import RopeSpec, apply_rope, rerotate
 
 
-def make_keys(n=7, heads=3, d=16, dtype=torch.float32, seed=0):
+def rope_keys(n=7, heads=3, d=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, heads, d, generator=g, dtype=torch.float64).to(dtype)
 
@@ -18,7 +18,7 @@ def make_keys(n=7, heads=3, d=16, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize(("p", "q"), [(0, 5), (1, 113), (300, 2), (4000, 31000), (7, 7)])
 def test_rerotate_matches_fresh_rope(layout, p, q):
     spec = RopeSpec(16, 10000.0, layout)
-    raw = make_keys()
+    raw = rope_keys()
     n = raw.shape[0]
     stored = apply_rope(raw, torch.arange(p, p + n), spec)
     moved = rerotate(stored, p, q, spec)
@@ -31,7 +31,7 @@ def test_rerotate_matches_fresh_rope(layout, p, q):
 @pytest.mark.parametrize("layout", ["gptj", "neox"])
 def test_rerotate_per_row_and_partial_rotary(layout):
     spec = RopeSpec(16, 500.0, layout, rotary_dim=8)
-    raw = make_keys(dtype=torch.float64)
+    raw = rope_keys(dtype=torch.float64)
     src = torch.tensor([3, 9, 0, 50, 2, 2, 77])
     dst = torch.tensor([10, 1, 64, 5, 2, 90, 0])
     moved = rerotate(apply_rope(raw, src, spec), src, dst, spec)
@@ -41,7 +41,7 @@ def test_rerotate_per_row_and_partial_rotary(layout):
 
 
 def test_layouts_pair_different_dims():
-    raw = make_keys(n=1, heads=1, d=4, dtype=torch.float64)
+    raw = rope_keys(n=1, heads=1, d=4, dtype=torch.float64)
     gptj = apply_rope(raw, 1, RopeSpec(4, 10000.0, "gptj"))[0, 0]
     neox = apply_rope(raw, 1, RopeSpec(4, 10000.0, "neox"))[0, 0]
     x = raw[0, 0]
@@ -53,7 +53,7 @@ def test_layouts_pair_different_dims():
 
 def test_gptj_matches_llama2c_formula():
     spec = RopeSpec(16, 10000.0, "gptj")
-    raw = make_keys(n=1, heads=2, d=16, dtype=torch.float64)
+    raw = rope_keys(n=1, heads=2, d=16, dtype=torch.float64)
     pos = 37
     out = apply_rope(raw, pos, spec)
     for i in range(0, 16, 2):  # run.c: freq = 1 / 10000^(i / head_size) on pair (i, i+1)
@@ -65,7 +65,7 @@ def test_gptj_matches_llama2c_formula():
 
 def test_rerotate_keeps_norms_and_input():
     spec = RopeSpec(16, 10000.0, "neox")
-    k = make_keys()
+    k = rope_keys()
     before = k.clone()
     moved = rerotate(k, 0, 1000, spec)
     assert torch.equal(k, before)

@@ -1,9 +1,5 @@
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,39 +38,10 @@ def test_pack_rejects_a_wrong_layout():
         KVLayout(2, 3, 4, 16, dtype="int3")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def service_url(tmp_path):
-    pytest.importorskip(
-        "cacheservice.service", reason="service core not written yet", exc_type=ImportError
-    )
-    port = free_port()
-    cmd = [sys.executable, "-m", "cacheservice", "serve", "--port", str(port)]
-    cmd += ["--arena-path", str(tmp_path / "arena"), "--disk-dir", str(tmp_path / "disk")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    from cacheservice.client import CacheClient
-
-    client = CacheClient(url, timeout=2.0)
-    try:
-        for _ in range(100):
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode())
-            if client.health():
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("service did not become healthy in 10 s")
-        yield url
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
+def service_url(make_service) -> str:
+    """A real service process with slots for the tiny model's chunk blocks."""
+    return make_service(extra=["--arena-bytes", "64MiB", "--slot-bytes", str(132 << 10)]).url
 
 
 def test_chunks_through_the_service_feed_a_blended_prefill(tiny, musique, service_url):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from connectors.sglang.transport import ArenaTransport, HttpTransport
-from tests.cacheservice.conftest import free_port
-from tests.connectors.sglang.conftest import HostPool, make_model, page_indices
+from tests.connectors.sglang.pools import HostPool, make_model, page_indices
+from tests.processes import free_port
 
 BASE = {"tp_rank": 0, "tp_size": 2}
 

@@ -11,7 +11,7 @@ from cacheservice.arena import ArenaView
 from cacheservice.errors import BadRequest
 from connectors.sglang import CacheServiceHiCacheStorage
 from connectors.sglang.transport import ArenaTransport, HttpTransport
-from tests.connectors.sglang.conftest import HostPool, make_config, page_indices
+from tests.connectors.sglang.pools import HostPool, make_config, page_indices
 
 LAYOUTS = ["page_first", "layer_first"]
 

@@ -13,7 +13,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
 from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
 from connectors.sglang.transport import ArenaTransport
-from tests.connectors.sglang.conftest import page_indices
+from tests.connectors.sglang.pools import page_indices
 
 LAYOUTS = ["page_first", "layer_first"]
 

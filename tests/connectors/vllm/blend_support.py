@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.cacheservice.conftest import ServiceProcess, start_service
-from tests.connectors.vllm.conftest import start_engine, wait_engine
+from tests.connectors.vllm.engines import start_engine, wait_engine
 from tests.connectors.vllm.tiny_model import TinyLlama, make_tiny_llama
+from tests.processes import ServiceProcess, start_service
 
 NUM_LAYERS = 4
 # Largest chunk block (the llama2.c model): 4 layers x K,V x 32 tokens x 4 kv heads x 32 dims

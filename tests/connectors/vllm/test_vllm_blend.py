@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from connectors.blend import llama2c
-from tests.cacheservice.conftest import free_port
 from tests.connectors.vllm.blend_support import (
     make_blend_llama,
     make_tokens,
     run_blend_engine,
     start_blend_service,
 )
-from tests.connectors.vllm.conftest import ask_while_stopped
+from tests.connectors.vllm.engines import ask_while_stopped
+from tests.processes import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -103,9 +103,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     from tests.connectors.vllm.llama2c_hf import convert
 
     root = llama2c.shared_dir()
-    data = None if root is None else root / "data" / "musique_s.json"
-    if data is None or not data.is_file():
-        pytest.skip("llama2.c model or musique_s.json missing: set CACHESERVICE_SHARED")
+    assert root is not None, "the llama2.c model and MuSiQue ship in tests/assets"
+    data = root / "data" / "musique_s.json"
     path = convert(tmp_path_factory.mktemp("llama2c_hf"), root)
     return str(path), llama2c.load(root).tokenizer, json.loads(data.read_text())
 

@@ -12,7 +12,7 @@ import pytest
 
 from cacheservice.arena import ArenaView
 from index.hashing import Namespace, prefix_keys
-from tests.connectors.vllm.conftest import (
+from tests.connectors.vllm.engines import (
     BLOCK_TOKENS,
     ask_while_stopped,
     run_engine,
@@ -96,7 +96,7 @@ def test_corrupt_block_is_detected_and_recomputed(tiny_llama, reference, service
 
 
 def test_service_down_recomputes(tiny_llama, reference, tmp_path):
-    from tests.connectors.vllm.conftest import free_port
+    from tests.processes import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     res = run_engine(spec(tiny_llama.path, [PROMPT_A, PROMPT_A], url), tmp_path / "1.log")

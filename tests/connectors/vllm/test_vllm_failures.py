@@ -16,7 +16,7 @@ from cacheservice.arena import ArenaView
 from connectors.vllm.identity import weights_fingerprint
 from connectors.vllm.worker import block_major
 from index.hashing import Namespace, prefix_keys
-from tests.connectors.vllm.conftest import BLOCK_TOKENS, run_engine, start_engine, wait_engine
+from tests.connectors.vllm.engines import BLOCK_TOKENS, run_engine, start_engine, wait_engine
 from tests.connectors.vllm.tiny_model import make_tiny_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
