@@ -131,7 +131,7 @@ def test_flat_acquire_finds_continuation_only_in_redis(make_service, tmp_path) -
 
     redis = start_redis(tmp_path / "redis")
     try:
-        writer = make_inproc_service("writer", extra=["--redis-url", redis.url])
+        writer = make_service("writer", extra=["--redis-url", redis.url])
         ns = make_namespace()
         keys, blocks = make_prefix_keys(ns, 4, seed=23), make_payloads(4, seed=23)
         with writer.client() as c:
@@ -139,7 +139,7 @@ def test_flat_acquire_finds_continuation_only_in_redis(make_service, tmp_path) -
             assert c.put_blocks(info.ns, keys, b"".join(blocks)) == 4
         assert writer.stop() == 0, writer.output()  # drains write-down into Redis
         # Another host: its own arena and disk, the same Redis.
-        reader = make_inproc_service("reader", extra=["--redis-url", redis.url])
+        reader = make_service("reader", extra=["--redis-url", redis.url])
         with reader.client() as c:
             info = c.register(ns, BLOCK_BYTES)
             acq = c.acquire(info.ns, keys[2:], flat=True)
