@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from cacheservice import errors
-from cacheservice.errors import BadRequest, CacheServiceError, TooLarge
+from cacheservice.errors import BadRequest, CacheServiceError
 from index.hashing import KEY_BYTES, ROOT_KEY, Namespace
 
 CONTENT_TYPE = "application/msgpack"
@@ -173,31 +173,15 @@ class Fields:
     def parent(self) -> bytes:
         return self.key("parent", ROOT_KEY)
 
-    def _check_count(self, name: str, n: int) -> None:
-        if n > self.max_keys:
-            raise TooLarge(
-                f"{n} keys in {name!r} exceed max_keys={self.max_keys}: split the request "
-                f"or raise the service's --max-keys"
-            )
+    def keys(self, name: str = "keys") -> bytes:
+        """n keys as one bin of n*16 bytes; CacheService splits and validates them (length,
+        count, repeats, the root), in one place for HTTP and in-process callers alike."""
+        return self.blob(name)
 
-    def keys(self, name: str = "keys") -> list[bytes]:
-        blob = self.blob(name)
-        if len(blob) % KEY_BYTES:
-            raise BadRequest(
-                f"field {name!r} is {len(blob)} bytes, not a multiple of {KEY_BYTES}: send n "
-                f"keys as one bin of n*{KEY_BYTES} bytes"
-            )
-        self._check_count(name, len(blob) // KEY_BYTES)
-        return split_keys(blob)
-
-    def key_list(self, name: str) -> list[bytes]:
-        """A msgpack array of single keys (``chunks`` in /v1/chunks/lookup)."""
-        value = self._typed(name, self._get(name, _MISSING), list, "an array of 16-byte bins")
-        self._check_count(name, len(value))
-        for i, item in enumerate(value):
-            if not isinstance(item, bytes) or len(item) != KEY_BYTES:
-                raise BadRequest(f"{name}[{i}] must be a {KEY_BYTES}-byte bin")
-        return value
+    def key_list(self, name: str) -> list:
+        """A msgpack array of single keys (``chunks`` in /v1/chunks/lookup), validated by
+        CacheService like ``keys``."""
+        return self._typed(name, self._get(name, _MISSING), list, "an array of 16-byte bins")
 
     def bool_list(self, name: str, length: int | None = None) -> list[bool] | None:
         value = self.doc.get(name)

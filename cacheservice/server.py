@@ -49,7 +49,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 async def _fields(request: web.Request) -> Fields:
-    return Fields(await request.read(), request.app[CONFIG_KEY].max_keys)
+    return Fields(await request.read(), request.app[SERVICE_KEY].max_keys)
 
 
 def _svc(request: web.Request) -> CacheService:

@@ -129,8 +129,9 @@ class CacheService:
             keys = [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
         else:
             keys = list(keys)
-            if not all(isinstance(k, bytes) and len(k) == KEY_BYTES for k in keys):
-                raise BadRequest(f"every entry of {what} must be a {KEY_BYTES}-byte block key")
+            for i, k in enumerate(keys):
+                if not isinstance(k, bytes) or len(k) != KEY_BYTES:
+                    raise BadRequest(f"{what}[{i}] must be a {KEY_BYTES}-byte key (a msgpack bin)")
         if len(keys) > self.max_keys:
             raise TooLarge(
                 f"{len(keys)} {what} exceed max_keys={self.max_keys}: split the request or "
@@ -189,8 +190,8 @@ class CacheService:
         return LookupResult(m.length, m.tiers)
 
     async def lookup(self, ns: str, keys: list[bytes]) -> LookupResult:
-        self.namespaces.get(ns)
         keys = self._keys(keys)
+        self.namespaces.get(ns)
         result = await self._match(keys)
         self.counters["hits"] += result.hits
         self.counters["misses"] += len(keys) - result.hits
@@ -212,8 +213,8 @@ class CacheService:
     ) -> AcquireResult:
         """Lease the longest hit prefix (``flat``: the longest run of present keys, which need
         not start at the root) readable from the arena."""
-        namespace, _ = self.namespaces.get(ns)
         keys = self._keys(keys)
+        namespace, _ = self.namespaces.get(ns)
         deadline = self.leases.deadline(lease_ms)
         hits = await self._present(keys) if flat else (await self._match(keys)).hits
         # No await between the count above and the pin inside leases.acquire.
@@ -225,9 +226,9 @@ class CacheService:
         return self.leases.release(lease)
 
     async def reserve(self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> ReserveResult:
-        namespace, block_bytes = self.namespaces.get(ns)
         parent = self._key(parent, "parent")
         keys = self._keys(keys, parent=parent)
+        namespace, block_bytes = self.namespaces.get(ns)
         return await self.leases.reserve(namespace, block_bytes, keys, parent)
 
     async def commit(
@@ -239,8 +240,8 @@ class CacheService:
 
     async def exists(self, ns: str, keys: list[bytes]) -> int:
         """Consecutive keys present from the start, in any tier (flat key-value use)."""
-        self.namespaces.get(ns)
         keys = self._keys(keys)
+        self.namespaces.get(ns)
         count = await self._present(keys)
         self.counters["hits"] += count
         self.counters["misses"] += len(keys) - count
@@ -257,9 +258,9 @@ class CacheService:
         flat: bool = False,
     ) -> int:
         """Store blocks from a request body; returns how many of ``keys`` are stored now."""
-        namespace, block_bytes = self.namespaces.get(ns)
         parent = self._key(parent, "parent")
         keys = self._keys(keys, parent=None if flat else parent)
+        namespace, block_bytes = self.namespaces.get(ns)
         view = memoryview(data).cast("B")
         if len(view) != len(keys) * block_bytes:
             raise WrongBlockSize(
@@ -280,8 +281,8 @@ class CacheService:
         return stored
 
     async def get_blocks(self, ns: str, keys: list[bytes], prefix: bool = True) -> GetBlocksResult:
-        namespace, block_bytes = self.namespaces.get(ns)
         keys = self._keys(keys)
+        namespace, block_bytes = self.namespaces.get(ns)
         self._response_fits(len(keys), block_bytes)
         out: list[bytes] = []
         present: list[bool] = []
@@ -311,7 +312,6 @@ class CacheService:
     ) -> bool:
         """Record a chunk whose blocks are stored (or stored now from ``data``, chained from the
         chunk key). False when some block is not stored."""
-        namespace, _ = self.namespaces.get(ns)
         chunk = self._key(chunk, "chunk")
         if chunk == ROOT_KEY:
             raise BadRequest(
@@ -322,6 +322,7 @@ class CacheService:
             raise BadRequest(f"num_tokens must be a positive integer, got {num_tokens!r}")
         if not isinstance(start_pos, int) or start_pos < 0:
             raise BadRequest(f"start_pos must be a non-negative integer, got {start_pos!r}")
+        namespace, _ = self.namespaces.get(ns)
         expected = -(-num_tokens // namespace.block_tokens)
         if len(keys) != expected:
             raise BadRequest(
@@ -343,9 +344,10 @@ class CacheService:
         return True
 
     def lookup_chunks(self, ns: str, chunks: list[bytes]) -> list[ChunkEntry | None]:
+        chunks = self._keys(chunks, "chunks")
         namespace, _ = self.namespaces.get(ns)
         out: list[ChunkEntry | None] = []
-        for chunk in self._keys(chunks, "chunks"):
+        for chunk in chunks:
             entry = self.chunks.get(chunk, namespace.seed)
             if entry is not None:
                 entry = replace(entry, resident=all(self.tree.present(entry.keys)))

@@ -81,7 +81,7 @@ def pk(doc: object) -> bytes:
             "namespace.model",
         ),
         ("/v1/chunks/lookup", pk({"ns": "0" * 16, "chunks": [b"x"]}), 400, "chunks[0]"),
-        ("/v1/lookup", pk({"ns": "0" * 16, "keys": bytes(16)}), 404, "unknown_namespace"),
+        ("/v1/lookup", pk({"ns": "0" * 16, "keys": b"\x01" * 16}), 404, "unknown_namespace"),
         ("/v1/no/such/route", pk({}), 404, "not_found"),
     ],
 )
