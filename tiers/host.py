@@ -12,17 +12,12 @@ get/contains/scan until published), used (published, in the key map), cooling (l
 lease that expired: its holder may still be copying, so the slot is not handed out again
 until ``hold_until``).
 
-One service owns an arena path at a time: the owner holds an exclusive ``flock`` on
-``<path>.lock`` (which names its PID) for its whole life, and only the owner creates, unlinks
-or truncates the arena. A second service on the same path is refused with ``ArenaInUse``.
+One service owns an arena path at a time (tiers/shm.py: the owner lock, the size check, the
+file's creation and removal).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import mmap
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -40,73 +35,10 @@ from tiers.base import (
     CorruptBlock,
     Tier,
 )
+from tiers.shm import ArenaError, ArenaInUse, create_arena  # noqa: F401  (re-exported)
 
 DEFAULT_ARENA_PATH = "/dev/shm/cacheservice-arena"
 _NO_HEADER = bytes(HEADER_BYTES)
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
-
-
-class ArenaError(RuntimeError):
-    """The arena cannot be created as configured; the message says what to change."""
-
-
-class ArenaInUse(ArenaError):
-    """Another live service owns this arena path."""
-
-
-def _available_bytes(directory: str) -> int:
-    """What a new shared-memory file can take now: free space of its filesystem, and (for
-    tmpfs, whose pages are RAM) the memory the kernel says is available."""
-    st = os.statvfs(directory)
-    free = st.f_bavail * st.f_frsize
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = min(free, int(line.split()[1]) * 1024)
-                    break
-    except OSError:
-        pass
-    return free
-
-
-def _lock_arena(path: str) -> int:
-    """Take the arena's owner lock; returns its descriptor (held until close)."""
-    lock_path = path + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise ArenaInUse(
-                f"arena {path} belongs to a running cacheservice (pid {owner}): stop it, or "
-                "give this one another --port or --arena-path"
-            ) from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _prefault(mm: mmap.mmap) -> None:
-    """Back every page of a fresh arena now. The first write into a shared-memory page costs a
-    fault plus zeroing (measured ~28 ms per 46 MB here, hundreds of ms under load), which would
-    otherwise land on the first stores a serving engine waits for; 1 GiB takes ~0.6 s once."""
-    try:
-        mm.madvise(_MADV_POPULATE_WRITE)
-    except (OSError, ValueError, AttributeError):  # older kernel or platform: touch each page
-        np.frombuffer(mm, dtype=np.uint8)[:: mmap.PAGESIZE] = 0
-
-
-def _close_map(mm: mmap.mmap) -> None:
-    # A caller may still hold a payload memoryview; the mapping then lives until that view
-    # and the mmap object are garbage collected, which unmaps it.
-    try:
-        mm.close()
-    except BufferError:
-        pass
 
 
 class HostTier(Tier):
@@ -134,35 +66,8 @@ class HostTier(Tier):
         self.data_offset = ARENA_HEADER_BYTES
         self.max_payload = slot_bytes - HEADER_BYTES
         size = self.data_offset + self.num_slots * slot_bytes
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._lock = _lock_arena(path)
-        try:
-            # We own the path now. A stale arena may still be mapped by an old engine: unlink
-            # instead of truncating it under that process's feet (truncation would SIGBUS it).
-            # lexists: a dangling symlink is stale too.
-            if os.path.lexists(path):
-                os.unlink(path)
-            room = _available_bytes(os.path.dirname(os.path.abspath(path)))
-            if size > room:
-                fits = max(0, room - self.data_offset) // slot_bytes * slot_bytes
-                raise ArenaError(
-                    f"an arena of {size} bytes does not fit: {os.path.dirname(path)} and memory "
-                    f"have {room} bytes available; use --arena-bytes {fits} or less"
-                )
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                self._ino = os.fstat(fd).st_ino
-                os.ftruncate(fd, size)
-                self._map = mmap.mmap(fd, size)
-            except BaseException:
-                os.unlink(path)
-                raise
-            finally:
-                os.close(fd)
-        except BaseException:
-            os.close(self._lock)
-            raise
-        _prefault(self._map)  # before the header: the arena holds nothing a zero could clobber
+        self._owned = create_arena(path, size, slot_bytes, self.data_offset)
+        self._map = self._owned.map  # pre-faulted: the header below is the first write
         self._map[:ARENA_HEADER_BYTES] = ARENA_HEADER.pack(
             ARENA_MAGIC, ARENA_VERSION, slot_bytes, self.num_slots, self.data_offset
         ).ljust(ARENA_HEADER_BYTES, b"\0")
@@ -339,13 +244,7 @@ class HostTier(Tier):
         self._closed = True
         del self._bytes
         self._view.release()
-        _close_map(self._map)
-        try:
-            if os.lstat(self.path).st_ino == self._ino:  # never unlink another owner's file
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self._lock)
+        self._owned.release()
 
     def check_integrity(self) -> None:
         used = set(self._metas)
