@@ -4,8 +4,7 @@ It validates input (a bad request raises a typed error before any state changes)
 namespaces (``namespaces.py``), the leases (``leases.py``) and the chunk index, and drives the
 TierStack. Callers import every result type from here, also those defined in those modules.
 
-Validation is the trust boundary: key lists must be distinct 16-byte keys, none the root,
-none the parent they chain from (a chain that repeats a key is a cycle). Reads check each
+Key lists pass the trust boundary (validate.py) before anything changes. Reads check each
 stored header's namespace against the request's, so knowing another namespace's raw keys
 reads nothing. A response never exceeds ``max_body_bytes``.
 """
@@ -17,7 +16,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
-from cacheservice.errors import BadRequest, TooLarge, WrongBlockSize
+from cacheservice import validate
+from cacheservice.errors import BadRequest, WrongBlockSize
 from cacheservice.leases import LeaseTable
 from cacheservice.manifests import decode_entry, encode_entry
 from cacheservice.namespaces import NamespaceRegistry
@@ -29,7 +29,7 @@ from cacheservice.results import (  # noqa: F401  (re-exported: callers import r
     ReserveResult,
 )
 from index.chunks import ChunkEntry, ChunkIndex
-from index.hashing import KEY_BYTES, ROOT_KEY, Namespace
+from index.hashing import ROOT_KEY, Namespace
 from index.radix import PrefixTree
 from tiers.base import BlockMeta, Tier
 from tiers.host import HostTier
@@ -119,53 +119,12 @@ class CacheService:
         what: str = "keys",
         parent: bytes | None = None,
     ) -> list[bytes]:
-        if isinstance(keys, bytes | bytearray | memoryview):
-            blob = bytes(keys)
-            if len(blob) % KEY_BYTES:
-                raise BadRequest(
-                    f"{what} is {len(blob)} bytes, not a multiple of {KEY_BYTES}: send the "
-                    "16-byte keys of index.hashing concatenated"
-                )
-            keys = [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
-        else:
-            keys = list(keys)
-            for i, k in enumerate(keys):
-                if not isinstance(k, bytes) or len(k) != KEY_BYTES:
-                    raise BadRequest(f"{what}[{i}] must be a {KEY_BYTES}-byte key (a msgpack bin)")
-        if len(keys) > self.max_keys:
-            raise TooLarge(
-                f"{len(keys)} {what} exceed max_keys={self.max_keys}: split the request or "
-                "raise the service's --max-keys"
-            )
-        if len(set(keys)) != len(keys):
-            seen: set[bytes] = set()
-            dup = next(i for i, k in enumerate(keys) if k in seen or seen.add(k))
-            raise BadRequest(
-                f"{what}[{dup}] repeats an earlier key: block keys are chained hashes, distinct "
-                "within one request (send each block once)"
-            )
-        if ROOT_KEY in keys:
-            raise BadRequest(f"{what} holds ROOT_KEY (16 zero bytes), which names no block")
-        if parent is not None and parent in keys:
-            raise BadRequest(
-                f"{what} holds its own parent: a block cannot chain from itself or from a "
-                "block after it (index.hashing.prefix_keys chains each key from the previous)"
-            )
-        return keys
+        return validate.key_list(keys, self.max_keys, what, parent)
 
     def _response_fits(self, n: int, block_bytes: int) -> None:
-        if n * block_bytes > self.max_response_bytes:
-            most = max(1, self.max_response_bytes // block_bytes)
-            raise TooLarge(
-                f"{n} blocks of {block_bytes} bytes exceed the response limit of "
-                f"{self.max_response_bytes} bytes: ask for at most {most} keys per call"
-            )
+        validate.response_fits(n, block_bytes, self.max_response_bytes)
 
-    @staticmethod
-    def _key(key: bytes, what: str) -> bytes:
-        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-            raise BadRequest(f"{what} must be a {KEY_BYTES}-byte key (ROOT_KEY = 16 zero bytes)")
-        return key
+    _key = staticmethod(validate.one_key)
 
     def register_namespace(
         self, ns: Namespace, block_bytes: int, *, persist: bool = True

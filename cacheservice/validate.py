@@ -1,0 +1,70 @@
+"""The trust boundary for keys: every key list a client (over HTTP or in process) hands the
+service is checked here, once, before anything changes.
+
+A key list must be 16-byte keys, at most ``max_keys`` of them, each once (block keys are
+chained hashes: a list that repeats a key is a cycle), none the root, none the parent it
+chains from. An answer must fit ``max_response_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cacheservice.errors import BadRequest, TooLarge
+from index.hashing import KEY_BYTES, ROOT_KEY
+
+
+def key_list(
+    keys: Sequence[bytes] | bytes | memoryview,
+    max_keys: int,
+    what: str = "keys",
+    parent: bytes | None = None,
+) -> list[bytes]:
+    if isinstance(keys, bytes | bytearray | memoryview):
+        blob = bytes(keys)
+        if len(blob) % KEY_BYTES:
+            raise BadRequest(
+                f"{what} is {len(blob)} bytes, not a multiple of {KEY_BYTES}: send the "
+                "16-byte keys of index.hashing concatenated"
+            )
+        keys = [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
+    else:
+        keys = list(keys)
+        for i, k in enumerate(keys):
+            if not isinstance(k, bytes) or len(k) != KEY_BYTES:
+                raise BadRequest(f"{what}[{i}] must be a {KEY_BYTES}-byte key (a msgpack bin)")
+    if len(keys) > max_keys:
+        raise TooLarge(
+            f"{len(keys)} {what} exceed max_keys={max_keys}: split the request or "
+            "raise the service's --max-keys"
+        )
+    if len(set(keys)) != len(keys):
+        seen: set[bytes] = set()
+        dup = next(i for i, k in enumerate(keys) if k in seen or seen.add(k))
+        raise BadRequest(
+            f"{what}[{dup}] repeats an earlier key: block keys are chained hashes, distinct "
+            "within one request (send each block once)"
+        )
+    if ROOT_KEY in keys:
+        raise BadRequest(f"{what} holds ROOT_KEY (16 zero bytes), which names no block")
+    if parent is not None and parent in keys:
+        raise BadRequest(
+            f"{what} holds its own parent: a block cannot chain from itself or from a "
+            "block after it (index.hashing.prefix_keys chains each key from the previous)"
+        )
+    return keys
+
+
+def one_key(key: bytes, what: str) -> bytes:
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise BadRequest(f"{what} must be a {KEY_BYTES}-byte key (ROOT_KEY = 16 zero bytes)")
+    return key
+
+
+def response_fits(n: int, block_bytes: int, limit: int) -> None:
+    if n * block_bytes > limit:
+        most = max(1, limit // block_bytes)
+        raise TooLarge(
+            f"{n} blocks of {block_bytes} bytes exceed the response limit of {limit} bytes: "
+            f"ask for at most {most} keys per call"
+        )
