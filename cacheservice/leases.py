@@ -7,10 +7,10 @@ engine leaks nothing. Keys reaching this module are already validated by CacheSe
 change only through tiers.slots.HostSlots; this module keeps who holds what until when.
 
 Bounds (one client must not take the arena from the others): a lease lives at most the
-service's ``lease_ms`` whatever the client asks; one lease holds at most half of the
-arena's slots for writing and three quarters for reading; all reserve leases together hold at
-most three quarters of the slots; at most ``max_leases`` are open. A request that gets
-nothing opens no lease.
+service's ``lease_ms`` whatever the client asks; one lease holds at most half of the arena's
+slots for writing and three quarters for reading; all reserve leases together hold at most
+three quarters of the slots, and all acquire leases together pin at most three quarters; at
+most ``max_leases`` are open. A request that gets nothing opens no lease.
 
 Fencing: a holder whose lease expired may still be copying. Its slots cool (are not handed
 out again) for ``lease_ms``; a writer states the checksum of what it wrote at commit, and a
@@ -56,6 +56,7 @@ class LeaseTable:
         self.max_leases = max_leases
         self.max_write_slots = max(1, slots.num_slots // 2)
         self.max_read_slots = max(1, slots.num_slots * 3 // 4)
+        self.pinned = 0  # pins held by all acquire leases (a block pinned twice counts twice)
         self.max_reserved = max(1, slots.num_slots * 3 // 4)
         self.leases: dict[str, Lease] = {}
         self.reserving: dict[bytes, str] = {}  # key -> write lease holding a slot for it
@@ -104,7 +105,8 @@ class LeaseTable:
 
     async def acquire(self, ns_seed: int, hit_keys: list[bytes], deadline: float) -> AcquireResult:
         """Lease the matched prefix ``hit_keys``, promoting each block into host."""
-        hit_keys = hit_keys[: self.max_read_slots]
+        # All readers together may pin at most max_read_slots: writers always find room.
+        hit_keys = hit_keys[: max(0, min(self.max_read_slots, self.max_read_slots - self.pinned))]
         if not hit_keys:
             return AcquireResult("", [], [], [])
         lease = self._new(deadline)
@@ -112,6 +114,7 @@ class LeaseTable:
         if not read.slots:
             return AcquireResult("", [], [], [])
         lease.pins = read.pins
+        self.pinned += len(read.pins)
         self.leases[lease.id] = lease
         return AcquireResult(lease.id, read.slots, read.checksums, read.lengths)
 
@@ -123,6 +126,7 @@ class LeaseTable:
         if held is None:
             return 0
         self.slots.unpin(held.pins, hold_until)
+        self.pinned -= len(held.pins)
         freed = 0
         for meta, slot in zip(held.metas, held.slots, strict=True):
             if slot is not None:
@@ -216,3 +220,4 @@ class LeaseTable:
                     assert not published, f"slot {slot} reserved+published"
                     reserved[meta.key] = lid
         assert reserved == self.reserving, "reserving map drifted from the leases"
+        assert self.pinned == sum(len(lease.pins) for lease in self.leases.values()), "pins"

@@ -179,3 +179,22 @@ def test_allowed_hosts_opens_a_name(make_service) -> None:
     body = pk({})
     assert post(svc, "/v1/lookup", body, Host="cache.internal")[0] == 400  # past the guard
     assert post(svc, "/v1/lookup", body, Host="other.internal")[0] == 403
+
+
+def test_readers_together_cannot_pin_the_arena(make_service) -> None:
+    svc = make_service()  # 256 slots
+    with svc.client() as c:
+        ns = c.register(make_namespace(), BLOCK_BYTES).ns
+        leases = []
+        for seed in range(6):  # 6 prompts of 60 blocks: 360 blocks, more than the arena holds
+            keys = make_prefix_keys(make_namespace(), 60, seed=200 + seed)
+            c.put_blocks(ns, keys, b"".join(make_payloads(60, seed=seed)))
+            leases.append(c.acquire(ns, keys))
+        pinned = sum(len(a.slots) for a in leases)
+        assert pinned <= 192, pinned  # three quarters of the slots at most
+        fresh = c.reserve(ns, make_prefix_keys(make_namespace(), 8, seed=300))
+        assert all(s is not None for s in fresh.slots), "a writer found no room"
+        c.release(fresh.lease)
+        for a in leases:
+            if a.lease:
+                c.release(a.lease)
