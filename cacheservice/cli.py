@@ -27,8 +27,8 @@ from tiers.host import ArenaError
 log = logging.getLogger("cacheservice")
 
 _HELP = {
-    "host": "TCP address to bind (default 127.0.0.1)",
-    "port": f"TCP port (default {DEFAULT_PORT}; 0 = no TCP, unix socket only)",
+    "host": "TCP address to bind",
+    "port": "TCP port (0 = no TCP, unix socket only)",
     "unix_socket": "also serve on this unix socket path (fastest for same-host engines)",
     "token": "require this bearer token (visible in ps: prefer env CACHESERVICE_TOKEN)",
     "token_file": "token file used when no token is given, created 0600 at first start "
