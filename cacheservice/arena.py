@@ -67,6 +67,10 @@ class ArenaView:
         view.ident = (st.st_dev, st.st_ino)
         return view
 
+    def whole(self) -> memoryview:
+        """The whole mapping (for callers that index slots themselves, e.g. torch views)."""
+        return self._view
+
     def payload(self, slot: int, length: int | None = None) -> memoryview:
         if not 0 <= slot < self.num_slots:
             raise BadRequest(f"slot {slot} outside the arena's [0, {self.num_slots})")

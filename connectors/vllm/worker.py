@@ -25,6 +25,8 @@ import xxhash
 from cacheservice.arena import ArenaClient, ArenaView
 from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, CacheServiceError, ServiceUnavailable, UnknownNamespace
+from cacheservice.results import ReserveResult
+from connectors.vllm.copies import BlockCopier
 from connectors.vllm.scheduler import (
     CacheLayout,
     CacheServiceMeta,
@@ -97,6 +99,8 @@ class WorkerSide:
         self._arena: ArenaClient | None = None
         self._arena_lock = threading.Lock()
         self._loads: Loads[LoadSpec] = Loads("cs-load", self._finish_load)
+        # Commits (writer checksum + HTTP) run here, in order, off the engine's step.
+        self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-commit")
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
         self.stats |= {"load_s": 0.0, "acquire_s": 0.0, "save_s": 0.0}
 
@@ -113,6 +117,7 @@ class WorkerSide:
                     f"{self.layout.layer_bytes}: this KV cache layout is not supported"
                 )
             self._layers.append((t, 0))
+        self._copier = BlockCopier([t for t, _ in self._layers], self.layout.layer_bytes)
 
     # -- the data plane -------------------------------------------------------------------
 
@@ -122,22 +127,6 @@ class WorkerSide:
                 info = self.client.register(self.ns, self.layout.block_bytes)
                 self._arena = ArenaClient(info.arena["path"])
             return self._arena.current()  # remapped if a restarted service replaced the file
-
-    def _copy_in(self, block_id: int, payload: memoryview) -> None:
-        src = torch.frombuffer(payload, dtype=torch.uint8)
-        off, n = 0, self.layout.layer_bytes
-        for t, dim in self._layers:
-            dst = t.select(dim, block_id)
-            dst.copy_(src[off : off + n].view(t.dtype).view(dst.shape))
-            off += n
-
-    def _copy_out(self, block_id: int, payload: memoryview) -> None:
-        dst = torch.frombuffer(payload, dtype=torch.uint8)
-        off, n = 0, self.layout.layer_bytes
-        for t, dim in self._layers:
-            src = t.select(dim, block_id)
-            dst[off : off + n].view(t.dtype).view(src.shape).copy_(src)
-            off += n
 
     def _call(self, fn, *args):
         """A service call that may be retried once after the service forgot the namespace."""
@@ -172,12 +161,11 @@ class WorkerSide:
             for slot, csum, length in zip(acq.slots, acq.checksums, acq.lengths, strict=False):
                 if done == len(keys) or length != self.layout.block_bytes:
                     break
-                payload = arena.payload(slot, length)
-                if xxhash.xxh3_64_intdigest(payload) != csum:
+                if xxhash.xxh3_64_intdigest(arena.payload(slot, length)) != csum:
                     log.warning("block %s failed its checksum, recomputing", keys[done].hex())
                     break
-                self._copy_in(spec.block_ids[done], payload)
                 done += 1
+            self._copier.load(arena, list(acq.slots[:done]), list(spec.block_ids[:done]))
         finally:
             try:
                 if acq.lease:  # an acquire that found nothing opened no lease
@@ -216,24 +204,33 @@ class WorkerSide:
 
     # -- saves ----------------------------------------------------------------------------
 
-    def _save(self, spec: SaveSpec) -> int:
+    def _save(self, spec: SaveSpec) -> None:
+        """Copy the request's new blocks into reserved slots now (vLLM may reuse its blocks
+        once the step ends); checksum and commit them on the save thread, off the step."""
         keys = list(spec.keys[self.rank])
         res = self._call(self.client.reserve, self.ns.id, keys, spec.parents[self.rank])
+        if not res.lease:
+            return  # nothing to store: all held already, or no room
         # Mapped after the reserve: the arena that gave these slots. Should it have been
         # replaced anyway, the checksums of what we wrote will not match the slots' bytes and
         # the service publishes nothing.
         arena = self._arena_view()
-        ok: list[bool] = []
-        sums: list[int | None] = []
-        for slot, block_id in zip(res.slots, spec.block_ids, strict=False):
-            csum = None
-            if slot is not None:
-                payload = arena.payload(slot, self.layout.block_bytes)
-                self._copy_out(block_id, payload)
-                csum = xxhash.xxh3_64_intdigest(payload)
-            ok.append(slot is not None)
-            sums.append(csum)
-        return self.client.commit(res.lease, ok, sums) if any(ok) else 0
+        pairs = [(s, b) for s, b in zip(res.slots, spec.block_ids, strict=False) if s is not None]
+        self._copier.save(arena, [s for s, _ in pairs], [b for _, b in pairs])
+        self._commits.submit(self._commit, arena, res)
+
+    def _commit(self, arena: ArenaView, res: ReserveResult) -> None:
+        try:
+            n = self.layout.block_bytes
+            sums = [None if s is None else xxhash.xxh3_64_intdigest(arena.payload(s, n))
+                    for s in res.slots]  # fmt: skip
+            self.stats["saved_blocks"] += self.client.commit(
+                res.lease, [s is not None for s in res.slots], sums
+            )
+        except ServiceUnavailable as e:
+            self.gate.failed(e)
+        except Exception as e:  # a refused commit only loses a future hit
+            log.error("cacheservice commit skipped: %r", e)
 
     def wait_for_save(self, meta: CacheServiceMeta) -> None:
         start = time.perf_counter()
@@ -241,13 +238,18 @@ class WorkerSide:
             if not self.gate.open:
                 break
             try:
-                self.stats["saved_blocks"] += self._save(spec)
+                self._save(spec)
             except ServiceUnavailable as e:
                 self.gate.failed(e)
             except Exception as e:  # a refused save, or a bug here, only loses a future hit
                 log.error("cacheservice save skipped: %r", e)
         self.stats["save_s"] += time.perf_counter() - start
 
+    def flush(self) -> None:
+        """Wait until every save handed to the save thread is committed (or failed)."""
+        self._commits.submit(lambda: None).result()
+
     def close(self) -> None:
         self._loads.close()
+        self._commits.shutdown(wait=True)  # committed blocks reach the service before exit
         self.client.close()

@@ -67,6 +67,8 @@ def worker_stats() -> dict:
     worker = connector_worker()
     if worker is None:
         return {}
+    if hasattr(worker, "flush"):
+        worker.flush()  # saves commit off the step: count them once they landed
     return {
         **worker.stats,
         "namespace": worker.ns.to_dict(),
@@ -116,6 +118,9 @@ def run(spec: dict) -> dict:
             }
         )
         if str(i) in spec.get("after", {}):
+            worker = connector_worker()
+            if worker is not None and hasattr(worker, "flush"):
+                worker.flush()  # another engine reads these blocks next: let them land
             open(spec["after"][str(i)], "w").close()
     return {"outputs": outputs, "worker": worker_stats()}
 
