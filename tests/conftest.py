@@ -66,3 +66,11 @@ def make_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     yield make
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a redis-server carries the marker, also when it only asks for one
+    through a fixture (``-m "not redis"`` then really runs no Redis)."""
+    for item in items:
+        if {"redis_proc", "redis_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
