@@ -15,6 +15,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from cacheservice.errors import ServiceUnavailable
 
 log = logging.getLogger("cacheservice.connectors")
 
@@ -80,3 +84,27 @@ class Gate:
         self._closed_until = time.monotonic() + self._backoff
         if was:
             self._backoff = min(self._backoff * 2, self.max_retry_s)
+
+
+WAITING = object()  # poll_lookup: the answer may still come; ask again next step
+
+
+def poll_lookup(lookup: Future, wait_s: float, deadline: float, gate: Gate) -> Any:
+    """One scheduler step's look at a lookup running off the step loop: its answer; WAITING
+    while it may still come (the step goes on, vLLM asks again); None for a miss, past
+    ``deadline`` or on a failure, which the gate learns of. Never raises, never blocks the
+    step longer than ``wait_s``."""
+    try:
+        value = lookup.result(timeout=wait_s)
+    except TimeoutError:
+        if time.monotonic() < deadline:
+            return WAITING
+        gate.failed(TimeoutError("lookup past its deadline"))
+    except ServiceUnavailable as e:
+        gate.failed(e)
+    except Exception as e:  # a rejected lookup or a bug here must not stop the engine
+        log.error("cacheservice lookup failed, treating it as a miss: %r", e)
+    else:
+        gate.succeeded()
+        return value
+    return None

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from cacheservice.client import DEFAULT_URL, CacheClient
-from cacheservice.errors import BadRequest, ServiceUnavailable
+from cacheservice.errors import BadRequest
 from connectors.blend.chunking import Chunk, from_separators, from_spans
 from connectors.blend.recompute import FirstK, NoRecompute, Policy, TopRatio
+from connectors.gate import WAITING, poll_lookup
 from connectors.settings import ExtraSettings
 from connectors.vllm.identity import weights_fingerprint
 from connectors.vllm.scheduler import Gate, scheduled
@@ -206,17 +207,10 @@ class BlendScheduler:
 
     def _found(self, st: _Req) -> _Found | None:
         """The lookup's answer; None for a miss. Raises TimeoutError while it may still come."""
-        try:
-            return st.lookup.result(timeout=self.s.lookup_wait_s)
-        except futures.TimeoutError:
-            if time.monotonic() < st.deadline:
-                raise
-            self.gate.failed(TimeoutError(f"lookup slower than {self.s.lookup_timeout_s}s"))
-        except ServiceUnavailable as e:
-            self.gate.failed(e)
-        except Exception as e:  # a refused lookup or a bad span must not stop the engine
-            log.error("blend lookup failed, computing normally: %r", e)
-        return None
+        found = poll_lookup(st.lookup, self.s.lookup_wait_s, st.deadline, self.gate)
+        if found is WAITING:
+            raise TimeoutError("lookup still running")
+        return found
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed: int

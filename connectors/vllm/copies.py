@@ -49,31 +49,27 @@ class BlockCopier:
 
     def load(self, arena: ArenaView, slots: list[int], block_ids: list[int]) -> None:
         """Arena slots -> engine blocks (``slots[i]`` fills ``block_ids[i]``)."""
-        if not slots:
-            return
-        if self.rows is None:
-            for slot, block in zip(slots, block_ids, strict=True):
-                self._one(arena, slot, block, into_cache=True)
-            return
-        grid = self._slots(arena)
-        src_idx = torch.tensor(slots, dtype=torch.int64)
-        dst_idx = torch.tensor(block_ids, dtype=torch.int64)
-        for layer, rows in enumerate(self.rows):
-            rows.index_copy_(0, dst_idx, grid[:, layer].index_select(0, src_idx))
+        self._copy(arena, slots, block_ids, into_cache=True)
 
     def save(self, arena: ArenaView, slots: list[int], block_ids: list[int]) -> None:
         """Engine blocks -> arena slots (``block_ids[i]`` goes into ``slots[i]``)."""
+        self._copy(arena, slots, block_ids, into_cache=False)
+
+    def _copy(self, arena: ArenaView, slots: list[int], blocks: list[int], into_cache: bool):
         if not slots:
             return
         if self.rows is None:
-            for slot, block in zip(slots, block_ids, strict=True):
-                self._one(arena, slot, block, into_cache=False)
+            for slot, block in zip(slots, blocks, strict=True):
+                self._one(arena, slot, block, into_cache)
             return
         grid = self._slots(arena)
-        dst_idx = torch.tensor(slots, dtype=torch.int64)
-        src_idx = torch.tensor(block_ids, dtype=torch.int64)
+        slot_idx = torch.tensor(slots, dtype=torch.int64)
+        block_idx = torch.tensor(blocks, dtype=torch.int64)
         for layer, rows in enumerate(self.rows):
-            grid[:, layer].index_copy_(0, dst_idx, rows.index_select(0, src_idx))
+            if into_cache:
+                rows.index_copy_(0, block_idx, grid[:, layer].index_select(0, slot_idx))
+            else:
+                grid[:, layer].index_copy_(0, slot_idx, rows.index_select(0, block_idx))
 
     def _one(self, arena: ArenaView, slot: int, block: int, into_cache: bool) -> None:
         payload = torch.frombuffer(

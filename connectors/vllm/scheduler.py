@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -19,8 +18,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from cacheservice.client import DEFAULT_URL, CacheClient
-from cacheservice.errors import BadRequest, ServiceUnavailable, UnknownNamespace
-from connectors.gate import Gate
+from cacheservice.errors import BadRequest, UnknownNamespace
+from connectors.gate import WAITING, Gate, poll_lookup
 from connectors.settings import ExtraSettings
 from connectors.vllm.identity import vllm_kv_layout_tag, weights_fingerprint
 from index.hashing import ROOT_KEY, Namespace, prefix_keys
@@ -186,20 +185,10 @@ class SchedulerSide:
                 st.hits = 0
                 return 0
             st.lookup = self._pool.submit(self._lookup, st.keys[0])
-        try:
-            st.hits = st.lookup.result(timeout=self.s.lookup_wait_s)
-            self.gate.succeeded()
-        except futures.TimeoutError:
-            if time.monotonic() < st.deadline:
-                return None  # vLLM asks again next step; the step loop goes on
-            self.gate.failed(TimeoutError(f"lookup slower than {self.s.lookup_timeout_s}s"))
-            st.hits = 0
-        except ServiceUnavailable as e:
-            self.gate.failed(e)
-            st.hits = 0
-        except Exception as e:  # a rejected lookup or a bug here must not stop the engine
-            log.error("cacheservice lookup failed, treating it as a miss: %r", e)
-            st.hits = 0
+        found = poll_lookup(st.lookup, self.s.lookup_wait_s, st.deadline, self.gate)
+        if found is WAITING:
+            return None  # vLLM asks again next step; the step loop goes on
+        st.hits = found or 0
         return st.hits
 
     def get_num_new_matched_tokens(
