@@ -270,3 +270,25 @@ async def test_stats_shape(tmp_path):
     for k in ("evictions", "corrupt", "leases"):
         assert s[k] == 0
     await svc.close()
+
+
+async def test_a_new_prompt_never_evicts_its_own_head(tmp_path):
+    """Storing prompt B a few blocks per reserve (as an engine does, step by step) into a full
+    arena with no lower tier evicts the older prompt A, never B's own earlier blocks: B's
+    chain stays a hit from its first block."""
+    svc = await make_inproc_service(tmp_path, host_slots=8, disk=False)
+    svc.register_namespace(INPROC_NS, INPROC_BB)
+    a = inproc_keys(6)
+    await svc.put_blocks(INPROC_NS.id, a, ROOT_KEY, inproc_data(6))
+    b = inproc_keys(12, start=7000)
+    for i in range(0, 12, 3):
+        r = await svc.reserve(INPROC_NS.id, b[i : i + 3], b[i - 1] if i else ROOT_KEY)
+        if r.lease:
+            await svc.commit(r.lease)
+        stored = sum(s is not None for s in r.slots)
+        assert (await svc.lookup(INPROC_NS.id, b)).hits >= min(i + stored, 3), i
+    kept_b = (await svc.lookup(INPROC_NS.id, b)).hits
+    kept_a = (await svc.lookup(INPROC_NS.id, a)).hits
+    assert kept_b >= 4 and kept_b > kept_a, (kept_b, kept_a)
+    await checked(svc)
+    await svc.close()
