@@ -14,7 +14,13 @@ import logging
 import msgpack
 import xxhash
 
-from cacheservice.errors import BadRequest, NamespaceConflict, TooLarge, UnknownNamespace
+from cacheservice.errors import (
+    BadRequest,
+    NamespaceConflict,
+    Overloaded,
+    TooLarge,
+    UnknownNamespace,
+)
 from cacheservice.results import NamespaceInfo
 from index.hashing import ROOT_KEY, Namespace
 from tiers.base import FLAG_MANIFEST, BlockMeta
@@ -32,9 +38,12 @@ def namespace_manifest_key(seed: int) -> bytes:
 class NamespaceRegistry:
     """Namespace id -> (Namespace, block_bytes); owns the tasks persisting new manifests."""
 
-    def __init__(self, host: HostTier, stack: TierStack) -> None:
+    def __init__(self, host: HostTier, stack: TierStack, max_namespaces: int = 1024) -> None:
         self.host = host
         self.stack = stack
+        # Each namespace is index memory and an fsynced manifest: a client must not be able
+        # to register millions. Real deployments have a handful (models x layouts x ranks).
+        self.max_namespaces = max_namespaces
         self._known: dict[str, tuple[Namespace, int]] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -65,6 +74,11 @@ class NamespaceRegistry:
                 f"namespace {ns.id} is registered with block_bytes={known[1]}, not "
                 f"{block_bytes}: change a Namespace field (e.g. salt) for a new KV layout"
             )
+        if known is None and len(self._known) >= self.max_namespaces:
+            raise Overloaded(
+                f"{len(self._known)} namespaces are registered (max {self.max_namespaces}): "
+                "reuse a namespace per model and KV layout, or restart with a higher limit"
+            )
         if known is None:
             self._known[ns.id] = (ns, block_bytes)
             if persist:
@@ -84,7 +98,7 @@ class NamespaceRegistry:
         try:
             ns = Namespace.from_dict(doc["namespace"])
             self.register(ns, doc["block_bytes"], persist=False)
-        except (TypeError, ValueError, KeyError, TooLarge, NamespaceConflict) as e:
+        except (TypeError, ValueError, KeyError, TooLarge, NamespaceConflict, Overloaded) as e:
             log.warning("namespace manifest %s not restored: %s", meta.key.hex(), e)
         return True
 

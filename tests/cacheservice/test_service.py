@@ -7,6 +7,7 @@ from cacheservice.arena import ArenaView
 from cacheservice.errors import (
     BadRequest,
     NamespaceConflict,
+    Overloaded,
     TooLarge,
     UnknownNamespace,
     WrongBlockSize,
@@ -291,4 +292,15 @@ async def test_a_new_prompt_never_evicts_its_own_head(tmp_path):
     kept_a = (await svc.lookup(INPROC_NS.id, a)).hits
     assert kept_b >= 4 and kept_b > kept_a, (kept_b, kept_a)
     await checked(svc)
+    await svc.close()
+
+
+async def test_namespace_count_is_bounded(tmp_path):
+    svc = await make_inproc_service(tmp_path, disk=False)
+    svc.namespaces.max_namespaces = 5
+    for i in range(5):
+        svc.register_namespace(Namespace(f"m{i}", "f16", "l", 4), INPROC_BB)
+    with pytest.raises(Overloaded, match="namespaces"):
+        svc.register_namespace(Namespace("one-too-many", "f16", "l", 4), INPROC_BB)
+    assert svc.register_namespace(Namespace("m0", "f16", "l", 4), INPROC_BB)  # known: fine
     await svc.close()
