@@ -22,6 +22,7 @@ from aiohttp import web
 from cacheservice.config import DEFAULT_PORT, ConfigError, ServiceConfig, load_config
 from cacheservice.errors import CacheServiceError
 from cacheservice.tokens import TokenFileError
+from tiers.base import TierStartError
 from tiers.host import ArenaError
 
 log = logging.getLogger("cacheservice")
@@ -44,6 +45,8 @@ _HELP = {
     "disk_bytes": "disk tier budget, e.g. 16GiB",
     "redis_url": "shared Redis tier, e.g. redis://host:6379/0 (default: none)",
     "redis_bytes": "Redis tier budget",
+    "redis_mode": "'single' (one server, or a proxy) or 'cluster' (native Redis Cluster; "
+    "rediss:// TLS and user:password@ in the URL)",
     "max_body_bytes": "largest request body accepted (413 above)",
     "max_keys": "most keys in one request (413 above)",
     "lease_ms": "acquire/reserve leases expire after this many ms (also the most a client "
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TokenFileError) as e:
         print(f"cacheservice: configuration error: {e}", file=sys.stderr)
         return 2
-    except ArenaError as e:
+    except (ArenaError, TierStartError) as e:
         print(f"cacheservice: {e}", file=sys.stderr)
         return 2
     except (CacheServiceError, OSError) as e:

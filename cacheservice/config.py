@@ -65,6 +65,7 @@ class ServiceConfig:
     disk_dir: str | None = "~/.cache/cacheservice/disk"  # None or "" = no disk tier
     disk_bytes: int = 16 * GiB
     redis_url: str | None = None  # None = no Redis tier
+    redis_mode: str = "single"  # "single" (one server) or "cluster" (native Redis Cluster)
     redis_bytes: int = 4 * GiB
     max_body_bytes: int = 64 * MiB
     max_keys: int = 65536
@@ -110,15 +111,17 @@ class ServiceConfig:
             raise ConfigError(f"auth must be one of {AUTH_MODES}, got {self.auth!r}")
         if self.remote_lookup_ms <= 0:
             raise ConfigError(f"remote_lookup_ms must be positive, got {self.remote_lookup_ms}")
+        if self.redis_mode not in ("single", "cluster"):
+            raise ConfigError(f"redis_mode must be 'single' or 'cluster', got {self.redis_mode!r}")
         if self.redis_url is not None:
-            if self.redis_url.startswith("rediss://"):
-                # The bulk path speaks plain RESP on its own sockets: accepting rediss:// would
-                # send KV in clear text while the URL promises TLS.
+            if self.redis_url.startswith("rediss://") and self.redis_mode != "cluster":
+                # The single-server bulk path speaks plain RESP on its own sockets: accepting
+                # rediss:// would send KV in clear text while the URL promises TLS.
                 raise ConfigError(
-                    "redis_url rediss:// (TLS) is not supported yet: the Redis tier would send "
-                    "KV unencrypted; use redis:// on a trusted network, or a unix:// socket"
+                    "redis_url rediss:// (TLS) needs --redis-mode cluster (its client speaks "
+                    "TLS); the single-server tier would send KV unencrypted"
                 )
-            if not self.redis_url.startswith(("redis://", "unix://")):
+            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
                 raise ConfigError(
                     f"redis_url must look like redis://host:port/db, got {self.redis_url!r}"
                 )

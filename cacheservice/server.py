@@ -219,8 +219,11 @@ def build_tiers(cfg: ServiceConfig) -> tuple[HostTier, list[Tier]]:
         if cfg.disk_dir is not None:
             lower.append(DiskTier(cfg.disk_dir, cfg.disk_bytes))
         if cfg.redis_url is not None:
-            from tiers.redis import RedisTier  # imports redis-py only when a Redis tier is set
-
+            # imports redis-py only when a Redis tier is set
+            if cfg.redis_mode == "cluster":
+                from tiers.redis_cluster import RedisClusterTier as RedisTier
+            else:
+                from tiers.redis import RedisTier
             lower.append(RedisTier(cfg.redis_url, cfg.redis_bytes))
     except BaseException:
         host.shutdown()

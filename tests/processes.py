@@ -186,3 +186,116 @@ def start_redis(workdir: Path) -> RedisProcess:
             time.sleep(0.02)
     proc.kill()
     raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+@dataclass
+class RedisClusterProcess:
+    """A real Redis Cluster on loopback: ``masters`` masters with ``replicas`` replicas each."""
+
+    nodes: dict[int, subprocess.Popen]  # port -> redis-server
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{min(self.nodes)}"
+
+    def masters(self) -> list[int]:
+        return [p for p, role in self.roles().items() if role == "master"]
+
+    def roles(self) -> dict[int, str]:
+        out = {}
+        for port, proc in self.nodes.items():
+            if proc.poll() is None:
+                info = _redis_cli(port, "ROLE").split()
+                out[port] = info[0] if info else "unknown"
+        return out
+
+    def replicas_synced(self, expected: int) -> bool:
+        ports = [p for p, role in self.roles().items() if role == "slave"]
+        up = [p for p in ports if "master_link_status:up" in _redis_cli(p, "INFO", "replication")]
+        return len(up) >= expected
+
+    def kill(self, port: int) -> None:
+        proc = self.nodes[port]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def wait_ok(self, timeout: float = 30.0, masters: int | None = None) -> None:
+        """Until every live node says cluster_state:ok (and, given ``masters``, that many live
+        masters serve the slots: a killed master's replica was promoted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = [p for p, proc in self.nodes.items() if proc.poll() is None]
+            ok = all("cluster_state:ok" in _redis_cli(p, "CLUSTER", "INFO") for p in live)
+            if ok and (masters is None or len(self.masters()) == masters):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("redis cluster did not become ok")
+
+    def stop(self) -> None:
+        for port in self.nodes:
+            self.kill(port)
+
+
+def _redis_cli(port: int, *args: str) -> str:
+    done = subprocess.run(
+        [REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=10
+    )
+    return done.stdout
+
+
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too and below 65536."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def start_redis_cluster(workdir: Path, masters: int = 3, replicas: int = 1) -> RedisClusterProcess:
+    if not os.path.exists(REDIS_SERVER) or not os.path.exists(REDIS_CLI):
+        pytest.skip("redis-server/redis-cli are not installed (apt-get install redis-server)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    nodes: dict[int, subprocess.Popen] = {}
+    for _ in range(masters * (1 + replicas)):
+        port = _free_cluster_port()
+        args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(workdir), "--protected-mode", "no"]
+        args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+        args += ["--cluster-node-timeout", "1000", "--enable-debug-command", "local"]
+        # replicas sync at once: one that never synced would not take over a dead master
+        args += ["--repl-diskless-sync-delay", "0"]
+        nodes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster = RedisClusterProcess(nodes)
+    try:
+        deadline = time.monotonic() + 10
+        while not all("PONG" in _redis_cli(p, "PING") for p in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster nodes did not start")
+            time.sleep(0.05)
+        create = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes)]
+        create += ["--cluster-replicas", str(replicas), "--cluster-yes"]
+        done = subprocess.run(create, capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+        cluster.wait_ok()
+        deadline = time.monotonic() + 20  # replicas attach and sync a moment after that
+        while not cluster.replicas_synced(masters * replicas):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster replicas did not sync")
+            time.sleep(0.1)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

@@ -33,6 +33,11 @@ ARENA_HEADER_BYTES = 4096
 ARENA_HEADER = struct.Struct("<4sH2xQQQ")
 
 
+class TierStartError(RuntimeError):
+    """A tier cannot serve as configured (e.g. the server refused our credentials): a clear
+    start-up error, never a tier that silently misses forever."""
+
+
 class CorruptBlock(Exception):
     """A stored block failed its header or checksum check. Tiers turn this into a miss."""
 

@@ -22,11 +22,19 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tiers.base import HEADER_BYTES, Block, BlockMeta, CorruptBlock, Tier, decode_block
+from tiers.base import (
+    HEADER_BYTES,
+    Block,
+    BlockMeta,
+    CorruptBlock,
+    Tier,
+    TierStartError,
+    decode_block,
+)
 from tiers.resp import RespConnection, RespError
 
 T = TypeVar("T")
@@ -88,17 +96,37 @@ class RedisTier(Tier):
         # Generous read timeout: a 32 MiB value must not time out on a slow link; one retry
         # without backoff reconnects a pooled connection that the server dropped.
         self._timeouts = (timeout, connect_timeout)
-        self._client = aioredis.Redis.from_url(
+        self._client = self._make_client(url, timeout, connect_timeout)
+        # Values move through RespConnections, one per concurrent SET/MGET round trip, kept
+        # idle between calls; the small commands (EXISTS, DEL, SCAN, GETRANGE) keep redis-py.
+        self._idle: list[RespConnection] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        """Refuse to start when the server refuses our credentials (wrong password, an ACL
+        user without rights); a server that is merely down is a miss until it is back."""
+        try:
+            await self._probe()
+        except (AuthenticationError, AuthorizationError) as e:
+            raise TierStartError(f"Redis at {self.url} refused us: {e}") from None
+        except ResponseError as e:
+            if "NOAUTH" in str(e) or "WRONGPASS" in str(e) or "NOPERM" in str(e):
+                raise TierStartError(f"Redis at {self.url} refused us: {e}") from None
+            raise
+        except (RedisError, OSError):
+            self._down_until = time.monotonic() + self.retry_after
+
+    async def _probe(self) -> None:
+        await self._client.ping()
+
+    def _make_client(self, url: str, timeout: float, connect_timeout: float):
+        return aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 1),
             protocol=2,
         )
-        # Values move through RespConnections, one per concurrent SET/MGET round trip, kept
-        # idle between calls; the small commands (EXISTS, DEL, SCAN, GETRANGE) keep redis-py.
-        self._idle: list[RespConnection] = []
-        self._closed = False
 
     def _rkey(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
@@ -173,17 +201,22 @@ class RedisTier(Tier):
             return fits
 
         values = [(self._rkey(meta.key), (meta.encode(), payload)) for meta, payload in todo]
-
-        async def send(conn: RespConnection) -> bool:
-            for group in _round_trips([HEADER_BYTES + meta.length for meta, _ in todo]):
-                await conn.set_many([values[i] for i in group])
-            return True
-
-        if not await self._bulk(send, False):
+        if not await self._send(values, [HEADER_BYTES + meta.length for meta, _ in todo]):
             return [False] * len(items)
         for meta, _ in todo:
             self._track(meta.key, HEADER_BYTES + meta.length)
         return fits
+
+    async def _send(self, values: list[tuple[bytes, tuple[bytes, bytes | memoryview]]],
+                    sizes: list[int]) -> bool:  # fmt: skip
+        """SET every (key, (header, payload)); False when the server failed or is away."""
+
+        async def send(conn: RespConnection) -> bool:
+            for group in _round_trips(sizes):
+                await conn.set_many([values[i] for i in group])
+            return True
+
+        return await self._bulk(send, False)
 
     async def delete(self, key: bytes) -> bool:
         known = key in self._sizes
@@ -201,14 +234,7 @@ class RedisTier(Tier):
             return []
 
         rkeys = [self._rkey(k) for k in keys]
-
-        async def fetch(conn: RespConnection) -> list[Block | CorruptBlock | None]:
-            values: list[Block | CorruptBlock | None] = []
-            for group in _round_trips([self._sizes.get(k, 0) for k in keys]):
-                values += await conn.mget([rkeys[i] for i in group], _decoded)
-            return values
-
-        values = await self._bulk(fetch, None)
+        values = await self._fetch(rkeys, [self._sizes.get(k, 0) for k in keys])
         if values is None:  # unreachable: a miss, but the blocks are not known to be gone
             return [None] * len(keys)
         blocks: list[Block | None] = []
@@ -223,6 +249,19 @@ class RedisTier(Tier):
                 self._track(key, HEADER_BYTES + block.meta.length)
             blocks.append(block)
         return blocks
+
+    async def _fetch(
+        self, rkeys: list[bytes], sizes: list[int]
+    ) -> list[Block | CorruptBlock | None] | None:
+        """Every value, verified as it arrives; None when the server failed or is away."""
+
+        async def fetch(conn: RespConnection) -> list[Block | CorruptBlock | None]:
+            values: list[Block | CorruptBlock | None] = []
+            for group in _round_trips(sizes):
+                values += await conn.mget([rkeys[i] for i in group], _decoded)
+            return values
+
+        return await self._bulk(fetch, None)
 
     async def contains(self, key: bytes) -> bool:
         return (await self.contains_many([key]))[0]
