@@ -193,10 +193,17 @@ class RedisClusterProcess:
     """A real Redis Cluster on loopback: ``masters`` masters with ``replicas`` replicas each."""
 
     nodes: dict[int, subprocess.Popen]  # port -> redis-server
+    tls: Path | None = None  # the certificates directory of a TLS cluster (make_tls_certs)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{min(self.nodes)}"
+        if self.tls is None:
+            return f"redis://127.0.0.1:{min(self.nodes)}"
+        files = f"ssl_ca_certs={self.tls}/ca.crt&ssl_certfile={self.tls}/client.crt"
+        return f"rediss://127.0.0.1:{min(self.nodes)}?{files}&ssl_keyfile={self.tls}/client.key"
+
+    def cli(self, port: int, *args: str) -> str:
+        return _redis_cli(self, port, *args)
 
     def masters(self) -> list[int]:
         return [p for p, role in self.roles().items() if role == "master"]
@@ -205,13 +212,17 @@ class RedisClusterProcess:
         out = {}
         for port, proc in self.nodes.items():
             if proc.poll() is None:
-                info = _redis_cli(port, "ROLE").split()
+                info = _redis_cli(self, port, "ROLE").split()
                 out[port] = info[0] if info else "unknown"
         return out
 
     def replicas_synced(self, expected: int) -> bool:
         ports = [p for p, role in self.roles().items() if role == "slave"]
-        up = [p for p in ports if "master_link_status:up" in _redis_cli(p, "INFO", "replication")]
+        up = [
+            p
+            for p in ports
+            if "master_link_status:up" in _redis_cli(self, p, "INFO", "replication")
+        ]
         return len(up) >= expected
 
     def kill(self, port: int) -> None:
@@ -226,7 +237,7 @@ class RedisClusterProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             live = [p for p, proc in self.nodes.items() if proc.poll() is None]
-            ok = all("cluster_state:ok" in _redis_cli(p, "CLUSTER", "INFO") for p in live)
+            ok = all("cluster_state:ok" in _redis_cli(self, p, "CLUSTER", "INFO") for p in live)
             if ok and (masters is None or len(self.masters()) == masters):
                 return
             time.sleep(0.1)
@@ -237,11 +248,38 @@ class RedisClusterProcess:
             self.kill(port)
 
 
-def _redis_cli(port: int, *args: str) -> str:
+def _tls_cli_args(tls: Path | None) -> list[str]:
+    if tls is None:
+        return []
+    return ["--tls", "--cacert", f"{tls}/ca.crt", "--cert", f"{tls}/client.crt",
+            "--key", f"{tls}/client.key"]  # fmt: skip
+
+
+def _redis_cli(cluster: RedisClusterProcess | None, port: int, *args: str) -> str:
+    tls = _tls_cli_args(cluster.tls if cluster is not None else None)
     done = subprocess.run(
-        [REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        [REDIS_CLI, *tls, "-p", str(port), *args], capture_output=True, text=True, timeout=10
     )
     return done.stdout
+
+
+def make_tls_certs(where: Path) -> Path:
+    """A throwaway CA and a server + client certificate for 127.0.0.1 (openssl)."""
+    where.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    (where / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt",
+            "-extfile", "san.cnf")  # fmt: skip
+    return where
 
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -263,28 +301,39 @@ def _free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def start_redis_cluster(workdir: Path, masters: int = 3, replicas: int = 1) -> RedisClusterProcess:
+def start_redis_cluster(
+    workdir: Path, masters: int = 3, replicas: int = 1, tls: Path | None = None
+) -> RedisClusterProcess:
+    """Start and create a cluster on loopback; with ``tls`` (make_tls_certs) it speaks only
+    TLS, on client, bus and replication links."""
     if not os.path.exists(REDIS_SERVER) or not os.path.exists(REDIS_CLI):
         pytest.skip("redis-server/redis-cli are not installed (apt-get install redis-server)")
     workdir.mkdir(parents=True, exist_ok=True)
     nodes: dict[int, subprocess.Popen] = {}
     for _ in range(masters * (1 + replicas)):
         port = _free_cluster_port()
-        args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        if tls is None:
+            args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        else:
+            args = [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"]
+            args += ["--save", "", "--tls-cluster", "yes", "--tls-replication", "yes"]
+            args += ["--tls-cert-file", f"{tls}/server.crt", "--tls-key-file", f"{tls}/server.key"]
+            args += ["--tls-ca-cert-file", f"{tls}/ca.crt"]
         args += ["--appendonly", "no", "--dir", str(workdir), "--protected-mode", "no"]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
         args += ["--cluster-node-timeout", "1000", "--enable-debug-command", "local"]
         # replicas sync at once: one that never synced would not take over a dead master
         args += ["--repl-diskless-sync-delay", "0"]
         nodes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cluster = RedisClusterProcess(nodes)
+    cluster = RedisClusterProcess(nodes, tls)
     try:
         deadline = time.monotonic() + 10
-        while not all("PONG" in _redis_cli(p, "PING") for p in nodes):
+        while not all("PONG" in _redis_cli(cluster, p, "PING") for p in nodes):
             if time.monotonic() > deadline:
                 raise RuntimeError("redis cluster nodes did not start")
             time.sleep(0.05)
-        create = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes)]
+        create = [REDIS_CLI, *_tls_cli_args(tls), "--cluster", "create"]
+        create += [f"127.0.0.1:{p}" for p in nodes]
         create += ["--cluster-replicas", str(replicas), "--cluster-yes"]
         done = subprocess.run(create, capture_output=True, text=True, timeout=60)
         if done.returncode:

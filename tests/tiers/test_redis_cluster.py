@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.factories import make_block_chain
-from tests.processes import RedisClusterProcess, start_redis_cluster
+from tests.processes import RedisClusterProcess, make_tls_certs, start_redis_cluster
 from tiers.base import HEADER_BYTES, TierStartError
 from tiers.redis_cluster import RedisClusterTier
 
@@ -52,9 +52,7 @@ async def test_blocks_spread_over_the_masters_and_another_host_reads_them(cluste
 
 
 def _keys(cluster: RedisClusterProcess, port: int) -> str:
-    from tests.processes import _redis_cli
-
-    return _redis_cli(port, "DBSIZE").strip() or "0"
+    return cluster.cli(port, "DBSIZE").strip() or "0"
 
 
 async def test_corrupt_value_is_a_miss_and_removed(cluster) -> None:
@@ -104,10 +102,8 @@ async def test_master_killed_is_misses_then_hits_after_failover(tmp_path: Path) 
 async def test_wrong_password_is_a_start_up_error(tmp_path: Path) -> None:
     cluster = start_redis_cluster(tmp_path / "acl", masters=3, replicas=0)
     try:
-        from tests.processes import _redis_cli
-
         for port in cluster.nodes:
-            _redis_cli(port, "ACL", "SETUSER", "cache", "on", ">s3cret", "~cs:*", "+@all")
+            cluster.cli(port, "ACL", "SETUSER", "cache", "on", ">s3cret", "~cs:*", "+@all")
         host_port = cluster.url.removeprefix("redis://")
         ok = await make_tier(f"redis://cache:s3cret@{host_port}", "cs:")
         (block,) = make_block_chain(1, size=1024)
@@ -117,5 +113,25 @@ async def test_wrong_password_is_a_start_up_error(tmp_path: Path) -> None:
         with pytest.raises(TierStartError, match="refused"):
             await bad.start()
         await bad.close()
+    finally:
+        cluster.stop()
+
+
+async def test_tls_cluster_round_trip(tmp_path: Path) -> None:
+    certs = make_tls_certs(tmp_path / "certs")
+    cluster = start_redis_cluster(tmp_path / "tls", masters=3, replicas=0, tls=certs)
+    try:
+        assert cluster.url.startswith("rediss://")
+        tier = await make_tier(cluster.url, "t:")
+        blocks = make_block_chain(16, size=4096, start=2000)
+        assert all(await tier.put_many([(b.meta, b.payload) for b in blocks]))
+        got = await tier.get_many([b.meta.key for b in blocks])
+        assert [bytes(g.payload) for g in got] == [b.payload for b in blocks]
+        await tier.close()
+        plain = RedisClusterTier(cluster.url.replace("rediss://", "redis://"), 1 << 20)
+        await plain.start()  # plaintext against a TLS-only cluster: misses, never a hang
+        (block,) = make_block_chain(1, size=1024)
+        assert await plain.put(block.meta, block.payload) is False
+        await plain.close()
     finally:
         cluster.stop()
