@@ -29,7 +29,7 @@ def redis_benchmark(port: int, value: int, n: int) -> dict[str, float]:
     """GiB/s of SET and GET with ``value``-byte values, one client, across the cluster."""
     out = subprocess.run(
         ["redis-benchmark", "--cluster", "-p", str(port), "-d", str(value), "-t", "set,get",
-         "-n", str(n), "-c", "1", "-r", "100000", "--csv"],
+         "-n", str(n), "-c", "1", "--csv"],  # one key: every GET reads a value it SET
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rates = {}
