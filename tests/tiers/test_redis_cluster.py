@@ -87,6 +87,17 @@ async def test_master_killed_is_misses_then_hits_after_failover(tmp_path: Path) 
             assert g is None or bytes(g.payload) == b.payload  # never wrong bytes
         cluster.wait_ok(timeout=30, masters=3)  # the replica took over the dead master's slots
         deadline = time.monotonic() + 20
+        while (
+            after := await tier.get_many([b.meta.key for b in blocks])
+        ) and time.monotonic() < deadline:
+            if all(g is not None for g in after) or tier._down_until <= time.monotonic():
+                break
+            time.sleep(0.2)
+        lost = sum(g is None for g in after)  # writes the replica had not received yet
+        print(f"failover: {lost} of {len(blocks)} blocks lost")
+        assert lost < len(blocks) // 2, "more than one master's share of the blocks was lost"
+        for g, b in zip(after, blocks, strict=True):
+            assert g is None or bytes(g.payload) == b.payload
         while True:
             await tier.put_many([(b.meta, b.payload) for b in blocks])
             got = await tier.get_many([b.meta.key for b in blocks])

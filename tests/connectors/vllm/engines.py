@@ -19,9 +19,9 @@ BLOCK_TOKENS = 32
 SLOT_BYTES = 36864
 
 
-def start_llm_service(workdir: Path) -> ServiceProcess:
-    extra = ["--arena-bytes", "8MiB", "--slot-bytes", str(SLOT_BYTES), "--disk-bytes", "64MiB"]
-    return start_service(workdir, extra=extra)
+def start_llm_service(workdir: Path, extra: list[str] | None = None) -> ServiceProcess:
+    args = ["--arena-bytes", "8MiB", "--slot-bytes", str(SLOT_BYTES), "--disk-bytes", "64MiB"]
+    return start_service(workdir, extra=args + (extra or []))
 
 
 def start_engine(
