@@ -77,12 +77,6 @@ class RedisClusterTier(RedisTier):
 
         return await self._call(fetch, None)
 
-    async def delete(self, key: bytes) -> bool:
-        known = key in self._sizes
-        self._forget(key)
-        removed = await self._call(lambda: self._client.delete(self._rkey(key)), 0)
-        return bool(removed) or known
-
     async def scan(self) -> AsyncIterator[BlockMeta]:
         """Headers of every block on every master (start-up only; lookups never scan)."""
         batch: list[bytes] = []
