@@ -47,23 +47,42 @@ def _available_bytes(directory: str) -> int:
 
 
 def _lock_arena(path: str) -> int:
-    """Take the arena's owner lock; returns its descriptor (held until close)."""
+    """Take the arena's owner lock; returns its descriptor (held until ``_unlock``). The lock
+    file goes away with its owner, so a lock taken on a file that was meanwhile unlinked (its
+    owner just stopped) is taken again on the file now at the path."""
     lock_path = path + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise ArenaInUse(
-                f"arena {path} belongs to a running cacheservice (pid {owner}): stop it, or "
-                "give this one another --port or --arena-path"
-            ) from None
-        raise
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ArenaInUse(
+                    f"arena {path} belongs to a running cacheservice (pid {owner}): stop it, "
+                    "or give this one another --port or --arena-path"
+                ) from None
+            raise
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # we locked a file its owner unlinked on the way out: try again
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _unlock(path: str, fd: int) -> None:
+    """Give up ownership: remove the lock file (still holding the lock), then the lock."""
+    try:
+        os.unlink(path + ".lock")
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def _prefault(mm: mmap.mmap) -> None:
@@ -99,7 +118,7 @@ class OwnedArena:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
-        os.close(self.lock)
+        _unlock(self.path, self.lock)
 
 
 def create_arena(path: str, size: int, slot_bytes: int, header_bytes: int) -> OwnedArena:
@@ -127,7 +146,7 @@ def create_arena(path: str, size: int, slot_bytes: int, header_bytes: int) -> Ow
         finally:
             os.close(fd)
     except BaseException:
-        os.close(lock)
+        _unlock(path, lock)
         raise
     _prefault(mm)
     return OwnedArena(path, mm, ino, lock)

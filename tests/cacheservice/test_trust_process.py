@@ -33,6 +33,9 @@ def test_second_serve_on_a_busy_port_leaves_the_live_arena_alone(tmp_path: Path)
         with ArenaView.open(info.arena["path"]) as view:
             assert view.num_slots == info.arena["num_slots"]
     svc.stop()
+    assert not os.path.lexists(svc.arena_path) and not os.path.lexists(svc.arena_path + ".lock")
+    svc.start()  # the path is free again once its owner is gone
+    svc.stop()
 
 
 def test_failed_starts_leave_no_arena(tmp_path: Path) -> None:
@@ -46,6 +49,7 @@ def test_failed_starts_leave_no_arena(tmp_path: Path) -> None:
     done = run_serve(huge)
     assert done.returncode == 2 and "--arena-bytes" in done.stderr, done.stderr
     assert not os.path.lexists(tmp_path / "arena")
+    assert not os.path.lexists(tmp_path / "arena.lock"), "the owner lock outlived the start"
 
 
 def test_dangling_symlink_at_the_arena_path_is_replaced(tmp_path: Path) -> None:
