@@ -214,16 +214,18 @@ class PrefixTree:
     def touch(self, keys: Sequence[bytes]) -> None:
         self._touch_nodes([n for n in map(self.get, keys) if n is not None])
 
-    def evict_candidates(self, tier: str, count: int) -> list[bytes]:
+    def evict_candidates(self, tier: str, count: int, copy_down: bool = False) -> list[bytes]:
         """Up to ``count`` least recently used unpinned blocks whose ``tier`` copy may go: another
-        tier holds them too, or they are leaves (removing them drops them from the index)."""
+        tier holds them too, or they are leaves (removing them drops them from the index).
+        ``copy_down``: the caller first copies a last copy to a lower tier, so an internal
+        block held only in ``tier`` is a candidate too (it goes only once it is copied)."""
         out: list[bytes] = []
         if count <= 0:
             return out
         nodes = self._nodes
         for key in self._lru.get(tier, ()):
             node = nodes[key]
-            if node.pins == 0 and (len(node.tiers) > 1 or not node.children):
+            if node.pins == 0 and (copy_down or len(node.tiers) > 1 or not node.children):
                 out.append(key)
                 if len(out) >= count:
                     break

@@ -5,7 +5,7 @@ Invariants:
 - Writes land in host; a background task writes every new block down to each lower tier
   (bounded queue, so a slow tier applies back-pressure instead of growing memory).
 - A block leaves a tier only after it is safe in another tier, or it drops from the index
-  (tree.evict_candidates hands out only such blocks; a last copy is first copied one tier down).
+  (a last copy is first copied one tier down; without a tier below, only leaves may go).
 - A read that fails is a miss. A corrupt block is gone from its tier (the tier deleted it), so
   its residency leaves the tree; after a mere I/O error the tier still holds the block and the
   tree keeps it (``Tier.contains`` tells which).
@@ -122,15 +122,15 @@ class TierStack:
         """Remove up to ``count`` LRU copies from tier ``index``; a last copy is first copied
         to a lower tier, else it drops from the index. Returns the copies removed."""
         tier = self.tiers[index]
+        # With a tier below, a last copy is copied down before it goes (_evict_one), so blocks
+        # that write-down has not reached yet can make room too, internal ones included.
+        copy_down = index + 1 < len(self.tiers)
         removed = 0
         tried: set[bytes] = set()
         while removed < count:
             want = count - removed
-            fresh = [
-                k
-                for k in self.tree.evict_candidates(tier.name, want + len(tried))
-                if k not in tried
-            ]
+            candidates = self.tree.evict_candidates(tier.name, want + len(tried), copy_down)
+            fresh = [k for k in candidates if k not in tried]
             if not fresh:
                 break
             for key in fresh[:want]:
@@ -242,14 +242,13 @@ class TierStack:
 
     async def _fetch_remote(self, key: bytes) -> Block | None:
         """A block no local index knows, from a shared tier (written by another host)."""
-        for tier in self.lower:
-            if getattr(tier, "shared", False):
-                block = await tier.get(key)
-                if block is not None and self.tree.get(key) is None:
-                    if not self.tree.insert(block.meta.parent, key, tier.name, block.meta.length):
-                        tier.errors.skipped += 1
-                        return None
-                    return block
+        for tier in self.shared:
+            block = await tier.get(key)
+            if block is not None and self.tree.get(key) is None:
+                if not self.tree.insert(block.meta.parent, key, tier.name, block.meta.length):
+                    tier.errors.skipped += 1
+                    return None
+                return block
         return None
 
     async def _promote(self, block: Block) -> Block | None:
@@ -347,7 +346,7 @@ class TierStack:
                 elif not self.tree.insert(meta.parent, meta.key, tier.name, meta.length):
                     tier.errors.skipped += 1
                     refused.append(meta.key)
-            if not getattr(tier, "shared", False):
+            if tier not in self.shared:
                 for key in refused:
                     await tier.delete(key)
             todo = [k for k in found if k not in manifests]

@@ -209,3 +209,22 @@ async def test_shared_redis_remote_hits(tmp_path, redis_server):
     await reader.drain()
     reader.check_integrity()
     await reader.close()
+
+
+async def test_internal_blocks_write_down_missed_are_copied_down_to_make_room(tmp_path):
+    """Write-down lagging behind (here: off) must not wedge a full host: a host-only internal
+    block is copied down and then evicted, instead of nothing being evictable."""
+    stack = await make_stack(tmp_path, host_slots=4)
+    await stack._writedown.close()
+    stack._writedown = None
+    chain = make_chain(4)
+    for meta, payload in chain:
+        assert await stack.store(meta, payload)
+    handles = stack.tree.pin([chain[-1][0].key])  # the only leaf is being read
+    (other,) = make_chain(1, start=100)
+    assert await stack.store(*other)  # before: no candidate, the store failed
+    assert stack.tree.get(chain[0][0].key).tiers == {"disk"}  # the oldest, copied then evicted
+    assert stack.tree.match([m.key for m, _ in chain]).length == 4  # the chain is still whole
+    stack.tree.unpin_nodes(handles)
+    stack.check_integrity()
+    await stack.close()
