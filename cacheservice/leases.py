@@ -106,7 +106,7 @@ class LeaseTable:
     async def acquire(self, ns_seed: int, hit_keys: list[bytes], deadline: float) -> AcquireResult:
         """Lease the matched prefix ``hit_keys``, promoting each block into host."""
         # All readers together may pin at most max_read_slots: writers always find room.
-        hit_keys = hit_keys[: max(0, min(self.max_read_slots, self.max_read_slots - self.pinned))]
+        hit_keys = hit_keys[: max(0, self.max_read_slots - self.pinned)]
         if not hit_keys:
             return AcquireResult("", [], [], [])
         lease = self._new(deadline)

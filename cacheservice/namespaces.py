@@ -45,7 +45,7 @@ class NamespaceRegistry:
         # to register millions. Real deployments have a handful (models x layouts x ranks).
         self.max_namespaces = max_namespaces
         self._known: dict[str, tuple[Namespace, int]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._writing: dict[str, asyncio.Task] = {}  # ns id -> its manifest write in flight
 
     def __len__(self) -> int:
         return len(self._known)
@@ -103,7 +103,13 @@ class NamespaceRegistry:
         return True
 
     async def drain(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._writing.values(), return_exceptions=True)
+
+    async def persisted(self, ns_id: str) -> None:
+        """Wait until the manifest of ``ns_id`` (if one is being written) is stored."""
+        task = self._writing.get(ns_id)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
 
     def _persist(self, ns: Namespace, block_bytes: int) -> None:
         if not self.stack.lower:
@@ -112,13 +118,11 @@ class NamespaceRegistry:
         payload = msgpack.packb(doc, use_bin_type=True)
         key = namespace_manifest_key(ns.seed)
         meta = BlockMeta.for_payload(ns.seed, key, ROOT_KEY, payload, FLAG_MANIFEST)
-        self._spawn(self.stack.put_manifest(meta, payload))
-
-    def _spawn(self, coro) -> None:
+        coro = self.stack.put_manifest(meta, payload)
         try:
             task = asyncio.get_running_loop().create_task(coro)
         except RuntimeError:  # no loop (start() restoring happens inside one): nothing to do
             coro.close()
             return
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._writing[ns.id] = task
+        task.add_done_callback(lambda t, ns_id=ns.id: self._writing.pop(ns_id, None))

@@ -31,7 +31,7 @@ from cacheservice.results import (  # noqa: F401  (re-exported: callers import r
 from index.chunks import ChunkEntry, ChunkIndex
 from index.hashing import ROOT_KEY, Namespace
 from index.radix import PrefixTree
-from tiers.base import BlockMeta, Tier
+from tiers.base import BlockMeta, Tier, TierErrors
 from tiers.host import HostTier
 from tiers.slots import checksums
 from tiers.stack import TierStack
@@ -137,7 +137,7 @@ class CacheService:
         """Register and return only once the manifest is on the durable tiers (fsynced on
         disk), so a namespace the service answered for survives a crash right after."""
         info = self.namespaces.register(ns, block_bytes, persist=True)
-        await self.namespaces.drain()
+        await self.namespaces.persisted(ns.id)  # also when another request registered it first
         return info
 
     # -- prefix reuse -----------------------------------------------------------------------
@@ -323,6 +323,7 @@ class CacheService:
         tiers = self.stack.tiers
         c = self.stack.counters
         errors = {t.name: vars(t.errors) for t in tiers}
+        totals = {kind: sum(e[kind] for e in errors.values()) for kind in vars(TierErrors())}
         return {
             "namespaces": len(self.namespaces),
             "blocks": {t.name: self.tree.blocks_in(t.name) for t in tiers},
@@ -331,11 +332,7 @@ class CacheService:
             **self.counters,
             "evictions": c.evictions,
             "dropped": c.dropped,
-            "corrupt": sum(e["corrupt"] for e in errors.values()),
-            "io_error": sum(e["io_error"] for e in errors.values()),
-            "no_space": sum(e["no_space"] for e in errors.values()),
-            "scan_removed": sum(e["scan_removed"] for e in errors.values()),
-            "skipped": sum(e["skipped"] for e in errors.values()),
+            **totals,  # corrupt, io_error, no_space, scan_removed, skipped: over all tiers
             "refused": c.refused,
             "fenced": self.leases.fenced,
             "failed_reads": c.failed_reads,

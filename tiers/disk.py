@@ -198,7 +198,7 @@ class DiskTier(Tier):
     def _inline(self, size: int, out: memoryview | None) -> bool:
         if size > _INLINE_BYTES or not self._nowait:
             return False
-        return pagecache.AVAILABLE if out is None else True
+        return out is not None or pagecache.AVAILABLE
 
     async def _read(self, todo: list[tuple[str, int, memoryview | None]]) -> list[ReadOutcome]:
         if not todo:

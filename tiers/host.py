@@ -18,6 +18,7 @@ file's creation and removal).
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -129,13 +130,9 @@ class HostTier(Tier):
     def _release(self, slot: int, hold_until: float) -> None:
         hold_until = max(hold_until, self._tainted.pop(slot, 0.0))
         if hold_until > time.monotonic():
-            # deadlines are appended in non-decreasing order only approximately: keep the
-            # deque sorted so _reclaim can stop at the first slot still cooling
-            if self._cooling and self._cooling[-1][0] > hold_until:
-                items = sorted([*self._cooling, (hold_until, slot)])
-                self._cooling = deque(items)
-            else:
-                self._cooling.append((hold_until, slot))
+            # deadlines arrive nearly in order (insort is then an append); kept sorted so
+            # _reclaim can stop at the first slot still cooling
+            bisect.insort(self._cooling, (hold_until, slot))
         else:
             self._free.append(slot)
 
