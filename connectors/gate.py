@@ -38,7 +38,6 @@ class Gate:
         self._closed = False
         self._probing = False
         self._lock = threading.Lock()
-        self.failures = 0
 
     @property
     def open(self) -> bool:
@@ -73,7 +72,6 @@ class Gate:
         self._backoff = self.retry_s
 
     def failed(self, why: Exception) -> None:
-        self.failures += 1
         if not self._closed:
             log.warning("cacheservice unavailable, recomputing for %.1fs: %s", self.retry_s, why)
         self._close()

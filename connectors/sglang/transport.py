@@ -44,9 +44,17 @@ def gather(page: Page) -> bytes:
 
 
 def scatter(page: Page, src: int) -> None:
+    """Copy the page's bytes from ``src`` into its segments."""
     for seg in page:
         ctypes.memmove(seg.ptr, src, seg.nbytes)
         src += seg.nbytes
+
+
+def gather_into(page: Page, dst: int) -> None:
+    """Copy the page's segments, concatenated, to ``dst``."""
+    for seg in page:
+        ctypes.memmove(dst, seg.ptr, seg.nbytes)
+        dst += seg.nbytes
 
 
 def _settle(client: CacheClient, ns: str, keys: list[bytes]) -> list[bool]:
@@ -144,10 +152,8 @@ class ArenaTransport(HttpTransport):
                 csum = None
                 if slot is not None:
                     n = page_bytes(page)
-                    start = dst = self._slot_addr(view, base, slot, n)
-                    for seg in page:
-                        ctypes.memmove(dst, seg.ptr, seg.nbytes)
-                        dst += seg.nbytes
+                    start = self._slot_addr(view, base, slot, n)
+                    gather_into(page, start)
                     csum = xxhash.xxh3_64_intdigest((ctypes.c_char * n).from_address(start))
                 sums.append(csum)
         except BaseException:

@@ -95,7 +95,7 @@ class WorkerSide:
         self.ns = layout.namespaces[tp_rank]
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
         self.gate = Gate(settings.retry_s, self.client.health)
-        self._layers: list[tuple[torch.Tensor, int]] = []  # (kv tensor, its block dimension)
+        self._copier: BlockCopier | None = None  # set by register_kv_caches
         self._arena: ArenaClient | None = None
         self._arena_lock = threading.Lock()
         self._loads: Loads[LoadSpec] = Loads("cs-load", self._finish_load)
@@ -107,6 +107,7 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [name for name in self.layout.layers if name not in kv_caches]
         assert not missing, f"KV caches missing for layers {missing}"
+        layers = []
         for name in self.layout.layers:
             t = block_major(kv_caches[name], self.num_blocks, name)
             block = t.select(0, 0)
@@ -116,8 +117,8 @@ class WorkerSide:
                     f"layer {name} holds {nbytes} bytes per block, the KV spec says "
                     f"{self.layout.layer_bytes}: this KV cache layout is not supported"
                 )
-            self._layers.append((t, 0))
-        self._copier = BlockCopier([t for t, _ in self._layers], self.layout.layer_bytes)
+            layers.append(t)
+        self._copier = BlockCopier(layers, self.layout.layer_bytes)
 
     # -- the data plane -------------------------------------------------------------------
 
