@@ -99,7 +99,7 @@ class RedisTier(Tier):
         self._client = self._make_client(url, timeout, connect_timeout)
         # Values move through RespConnections, one per concurrent SET/MGET round trip, kept
         # idle between calls; the small commands (EXISTS, DEL, SCAN, GETRANGE) keep redis-py.
-        self._idle: list[RespConnection] = []
+        self._idle: dict[str, list[RespConnection]] = {}  # by server URL
         self._closed = False
 
     async def start(self) -> None:
@@ -158,13 +158,17 @@ class RedisTier(Tier):
                 self._down_until = time.monotonic() + self.retry_after
             return default
 
-    async def _on_connection(self, op: Callable[[RespConnection], Awaitable[T]]) -> T:
-        """Run ``op`` on an idle connection or a new one. A connection that failed or was
-        cancelled mid-command is closed; a reused one the server dropped gets one retry on a
-        new one (SET and MGET are idempotent)."""
-        for fresh in (not self._idle, True):
-            conn = await RespConnection.open(self.url, *self._timeouts) if fresh else None
-            conn = conn or self._idle.pop()
+    async def _on_connection(
+        self, op: Callable[[RespConnection], Awaitable[T]], url: str | None = None
+    ) -> T:
+        """Run ``op`` on an idle connection to ``url`` (default: the tier's) or a new one. A
+        connection that failed or was cancelled mid-command is closed; a reused one the server
+        dropped gets one retry on a new one (SET and GET are idempotent)."""
+        url = url or self.url
+        idle = self._idle.setdefault(url, [])
+        for fresh in (not idle, True):
+            conn = await RespConnection.open(url, *self._timeouts) if fresh else None
+            conn = conn or idle.pop()
             try:
                 result = await op(conn)
             except BaseException as e:
@@ -172,10 +176,10 @@ class RedisTier(Tier):
                 if fresh or not isinstance(e, ConnectionError):
                     raise
                 continue
-            if self._closed or len(self._idle) >= _MAX_IDLE:
+            if self._closed or len(idle) >= _MAX_IDLE:
                 conn.close()
             else:
-                self._idle.append(conn)
+                idle.append(conn)
             return result
         raise AssertionError("unreachable: the fresh attempt returns or raises")
 
@@ -316,8 +320,9 @@ class RedisTier(Tier):
 
     async def close(self) -> None:
         self._closed = True
-        while self._idle:
-            self._idle.pop().close()
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
         await self._client.aclose()
 
     def check_integrity(self) -> None:

@@ -117,6 +117,16 @@ class RespConnection:
             raise RespError(f"MGET answered {line[:80]!r}")
         return [then(await self._bulk()) for _ in keys]
 
+    async def get_each(
+        self, keys: Sequence[bytes], then: Callable[[memoryview | None], T] = lambda v: v
+    ) -> list[T]:
+        """Like ``mget`` but one pipelined ``GET`` per key, for a Redis Cluster node, which
+        refuses an MGET whose keys hash to different slots. Raises RespError on any error
+        reply (MOVED/ASK after a resharding): the caller closes the connection and routes
+        the batch again."""
+        await self._send([_bulk_args(b"GET", key) for key in keys])
+        return [then(await self._bulk()) for _ in keys]
+
     # -- wire -------------------------------------------------------------------------------
 
     async def _wait(self, writable: bool) -> None:

@@ -154,7 +154,9 @@ async def test_concurrent_batches_use_separate_connections(tier: RedisTier):
     gets = await asyncio.gather(*(tier.get_many(keys[i::4]) for i in range(4)))
     for i, got in enumerate(gets):
         assert [bytes(g.payload) for g in got] == [b.payload for b in blocks[i::4]]
-    assert 1 <= len(tier._idle) <= 4  # one connection per concurrent round trip, kept idle
+    assert (
+        1 <= len(tier._idle[tier.url]) <= 4
+    )  # one connection per concurrent round trip, kept idle
     tier.check_integrity()
 
 
