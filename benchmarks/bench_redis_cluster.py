@@ -76,8 +76,10 @@ def main() -> None:
         cluster = start_redis_cluster(Path(tmp), masters=3, replicas=0)
         try:
             port = min(cluster.nodes)
-            print("Redis Cluster, 3 masters on loopback; GiB/s (ratio to redis-benchmark), "
-                  f"medians of {args.reps} reps")
+            print(
+                "Redis Cluster, 3 masters on loopback; GiB/s (ratio to redis-benchmark), "
+                f"medians of {args.reps} reps"
+            )
             for value in (2 << 20, 32 << 20):
                 n = max(8, int(args.gib * GIB) // value)
                 ours, slow, theirs = [], [], []

@@ -45,8 +45,9 @@ _HELP = {
     "disk_bytes": "disk tier budget, e.g. 16GiB",
     "redis_url": "shared Redis tier, e.g. redis://host:6379/0 (default: none)",
     "redis_bytes": "Redis tier budget",
-    "redis_mode": "'single' (one server, or a proxy) or 'cluster' (native Redis Cluster; "
-    "rediss:// TLS and user:password@ in the URL)",
+    "redis_mode": "'single' (one server, or a proxy), 'cluster' (native Redis Cluster; "
+    "rediss:// TLS and user:password@ in the URL) or 'sentinel' (redis_url "
+    "redis://[user:password@]sentinel:port[,sentinel:port]/master-name)",
     "max_body_bytes": "largest request body accepted (413 above)",
     "max_keys": "most keys in one request (413 above)",
     "lease_ms": "acquire/reserve leases expire after this many ms (also the most a client "

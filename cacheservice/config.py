@@ -22,6 +22,7 @@ ENV_PREFIX = "CACHESERVICE_"
 # CACHESERVICE_* variables that clients (not the service) read: never a typo.
 CLIENT_ENV = frozenset({"url", "config"})
 AUTH_MODES = ("token", "none")
+REDIS_MODES = ("single", "cluster", "sentinel")
 DEFAULT_PORT = 8642
 PAGE = 4096
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -65,7 +66,9 @@ class ServiceConfig:
     disk_dir: str | None = "~/.cache/cacheservice/disk"  # None or "" = no disk tier
     disk_bytes: int = 16 * GiB
     redis_url: str | None = None  # None = no Redis tier
-    redis_mode: str = "single"  # "single" (one server) or "cluster" (native Redis Cluster)
+    # "single" (one server), "cluster" (native Redis Cluster) or "sentinel" (a master found
+    # through Redis Sentinel: redis_url names the sentinels and the master)
+    redis_mode: str = "single"
     redis_bytes: int = 4 * GiB
     max_body_bytes: int = 64 * MiB
     max_keys: int = 65536
@@ -111,8 +114,8 @@ class ServiceConfig:
             raise ConfigError(f"auth must be one of {AUTH_MODES}, got {self.auth!r}")
         if self.remote_lookup_ms <= 0:
             raise ConfigError(f"remote_lookup_ms must be positive, got {self.remote_lookup_ms}")
-        if self.redis_mode not in ("single", "cluster"):
-            raise ConfigError(f"redis_mode must be 'single' or 'cluster', got {self.redis_mode!r}")
+        if self.redis_mode not in REDIS_MODES:
+            raise ConfigError(f"redis_mode must be one of {REDIS_MODES}, got {self.redis_mode!r}")
         if self.redis_url is not None:
             if self.redis_url.startswith("rediss://") and self.redis_mode != "cluster":
                 # The single-server bulk path speaks plain RESP on its own sockets: accepting
@@ -125,6 +128,13 @@ class ServiceConfig:
                 raise ConfigError(
                     f"redis_url must look like redis://host:port/db, got {self.redis_url!r}"
                 )
+            if self.redis_mode == "sentinel":
+                from tiers.redis_sentinel import SentinelURLError, parse_sentinel_url
+
+                try:
+                    parse_sentinel_url(self.redis_url)
+                except SentinelURLError as e:
+                    raise ConfigError(str(e)) from None
             if self.redis_bytes <= 0:
                 raise ConfigError("redis_bytes must be positive")
         if self.max_body_bytes < 1024:

@@ -222,6 +222,8 @@ def build_tiers(cfg: ServiceConfig) -> tuple[HostTier, list[Tier]]:
             # imports redis-py only when a Redis tier is set
             if cfg.redis_mode == "cluster":
                 from tiers.redis_cluster import RedisClusterTier as RedisTier
+            elif cfg.redis_mode == "sentinel":
+                from tiers.redis_sentinel import RedisSentinelTier as RedisTier
             else:
                 from tiers.redis import RedisTier
             lower.append(RedisTier(cfg.redis_url, cfg.redis_bytes))

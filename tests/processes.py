@@ -39,6 +39,7 @@ class ServiceProcess:
     token: str | None = None
     unix_socket: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra variables for the service
+    wrap: list[str] = field(default_factory=list)  # command prefix: ``ip netns exec <host>``
     proc: subprocess.Popen | None = None
     log: Path = field(init=False)
 
@@ -64,7 +65,7 @@ class ServiceProcess:
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cacheservice", "serve", *self.args],
+                [*self.wrap, sys.executable, "-m", "cacheservice", "serve", *self.args],
                 cwd=REPO,
                 env=service_env(self.env),
                 stdout=log,
@@ -135,8 +136,10 @@ def start_service(
     unix_socket: bool = False,
     extra: list[str] | None = None,
     env: dict[str, str] | None = None,
+    wrap: list[str] | None = None,
 ) -> ServiceProcess:
-    """Start ``python -m cacheservice serve`` with tiny tiers under ``workdir``."""
+    """Start ``python -m cacheservice serve`` with tiny tiers under ``workdir`` (on another
+    network host with ``wrap``: reach it through ``unix_socket`` then)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     args = service_args(workdir, port) + ["--log-level", "info"]
@@ -146,7 +149,7 @@ def start_service(
         args += ["--unix-socket", sock]
     if token:
         args += ["--token", token]
-    svc = ServiceProcess(workdir, args + (extra or []), port, token, sock, env or {})
+    svc = ServiceProcess(workdir, args + (extra or []), port, token, sock, env or {}, wrap or [])
     return svc.start()
 
 
@@ -194,13 +197,14 @@ class RedisClusterProcess:
 
     nodes: dict[int, subprocess.Popen]  # port -> redis-server
     tls: Path | None = None  # the certificates directory of a TLS cluster (make_tls_certs)
+    host: str = "127.0.0.1"  # the address every node binds and announces
 
     @property
     def url(self) -> str:
         if self.tls is None:
-            return f"redis://127.0.0.1:{min(self.nodes)}"
+            return f"redis://{self.host}:{min(self.nodes)}"
         files = f"ssl_ca_certs={self.tls}/ca.crt&ssl_certfile={self.tls}/client.crt"
-        return f"rediss://127.0.0.1:{min(self.nodes)}?{files}&ssl_keyfile={self.tls}/client.key"
+        return f"rediss://{self.host}:{min(self.nodes)}?{files}&ssl_keyfile={self.tls}/client.key"
 
     def cli(self, port: int, *args: str) -> str:
         return _redis_cli(self, port, *args)
@@ -257,8 +261,12 @@ def _tls_cli_args(tls: Path | None) -> list[str]:
 
 def _redis_cli(cluster: RedisClusterProcess | None, port: int, *args: str) -> str:
     tls = _tls_cli_args(cluster.tls if cluster is not None else None)
+    host = cluster.host if cluster is not None else "127.0.0.1"
     done = subprocess.run(
-        [REDIS_CLI, *tls, "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        [REDIS_CLI, *tls, "-h", host, "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     return done.stdout
 
@@ -302,10 +310,15 @@ def _free_cluster_port() -> int:
 
 
 def start_redis_cluster(
-    workdir: Path, masters: int = 3, replicas: int = 1, tls: Path | None = None
+    workdir: Path,
+    masters: int = 3,
+    replicas: int = 1,
+    tls: Path | None = None,
+    host: str = "127.0.0.1",
 ) -> RedisClusterProcess:
-    """Start and create a cluster on loopback; with ``tls`` (make_tls_certs) it speaks only
-    TLS, on client, bus and replication links."""
+    """Start and create a cluster on ``host`` (loopback by default; a netns link's root-side
+    address to serve other hosts); with ``tls`` (make_tls_certs) it speaks only TLS, on
+    client, bus and replication links."""
     if not os.path.exists(REDIS_SERVER) or not os.path.exists(REDIS_CLI):
         pytest.skip("redis-server/redis-cli are not installed (apt-get install redis-server)")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -313,9 +326,9 @@ def start_redis_cluster(
     for _ in range(masters * (1 + replicas)):
         port = _free_cluster_port()
         if tls is None:
-            args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            args = [REDIS_SERVER, "--port", str(port), "--bind", host, "--save", ""]
         else:
-            args = [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"]
+            args = [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", host]
             args += ["--save", "", "--tls-cluster", "yes", "--tls-replication", "yes"]
             args += ["--tls-cert-file", f"{tls}/server.crt", "--tls-key-file", f"{tls}/server.key"]
             args += ["--tls-ca-cert-file", f"{tls}/ca.crt"]
@@ -325,7 +338,7 @@ def start_redis_cluster(
         # replicas sync at once: one that never synced would not take over a dead master
         args += ["--repl-diskless-sync-delay", "0"]
         nodes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cluster = RedisClusterProcess(nodes, tls)
+    cluster = RedisClusterProcess(nodes, tls, host)
     try:
         deadline = time.monotonic() + 10
         while not all("PONG" in _redis_cli(cluster, p, "PING") for p in nodes):
@@ -333,7 +346,7 @@ def start_redis_cluster(
                 raise RuntimeError("redis cluster nodes did not start")
             time.sleep(0.05)
         create = [REDIS_CLI, *_tls_cli_args(tls), "--cluster", "create"]
-        create += [f"127.0.0.1:{p}" for p in nodes]
+        create += [f"{host}:{p}" for p in nodes]
         create += ["--cluster-replicas", str(replicas), "--cluster-yes"]
         done = subprocess.run(create, capture_output=True, text=True, timeout=60)
         if done.returncode:
@@ -348,3 +361,111 @@ def start_redis_cluster(
         cluster.stop()
         raise
     return cluster
+
+
+@dataclass
+class RedisSentinelProcess:
+    """A master, its replica and three sentinels watching them (quorum 2), on loopback."""
+
+    servers: dict[int, subprocess.Popen]  # data port -> redis-server (master or replica)
+    sentinels: dict[int, subprocess.Popen]
+    name: str = "cs-master"
+    password: str | None = None
+
+    def url(self, user: str = "", password: str | None = None) -> str:
+        cred = f"{user}:{password}@" if password else ""
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
+        return f"redis://{cred}{hosts}/{self.name}"
+
+    def master(self) -> int:
+        """The data port the sentinels name as master now."""
+        reply = _redis_cli(None, next(iter(self.sentinels)), "SENTINEL", "get-master-addr-by-name",
+                           self.name).split()  # fmt: skip
+        return int(reply[1])
+
+    def cli(self, port: int, *args: str) -> str:
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        return _redis_cli(None, port, *auth, *args)
+
+    def kill(self, port: int) -> None:
+        proc = self.servers[port]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def wait_promoted(self, old: int, timeout: float = 30.0) -> int:
+        """Until the sentinels name a live master other than ``old``; its port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            port = self.master()
+            if port != old and "role:master" in self.cli(port, "INFO", "replication"):
+                return port
+            time.sleep(0.1)
+        raise RuntimeError("the sentinels did not promote a replica")
+
+    def stop(self) -> None:
+        for proc in (*self.servers.values(), *self.sentinels.values()):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def start_redis_sentinel(workdir: Path, password: str | None = None) -> RedisSentinelProcess:
+    """Start a master, one replica and three sentinels (down-after 1 s), wait until the replica
+    synced and every sentinel knows the replica and its peers. ``password``: ``requirepass``
+    (and ``masterauth``) on the data nodes."""
+    if not os.path.exists(REDIS_SERVER) or not os.path.exists(REDIS_CLI):
+        pytest.skip("redis-server/redis-cli are not installed (apt-get install redis-server)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    sentinel = RedisSentinelProcess({}, {}, password=password)
+    try:
+        master = None
+        for _ in range(2):
+            port = free_port()
+            args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            args += ["--appendonly", "no", "--dir", str(workdir), "--protected-mode", "no"]
+            args += ["--repl-diskless-sync-delay", "0"]
+            if password:
+                args += ["--requirepass", password, "--masterauth", password]
+            if master is not None:
+                args += ["--replicaof", "127.0.0.1", str(master)]
+            master = master or port
+            sentinel.servers[port] = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        for _ in range(3):
+            port = free_port()
+            conf = workdir / f"sentinel-{port}.conf"  # a sentinel rewrites its own config
+            lines = [f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {workdir}",
+                     f"sentinel monitor {sentinel.name} 127.0.0.1 {master} 2",
+                     f"sentinel down-after-milliseconds {sentinel.name} 1000",
+                     f"sentinel failover-timeout {sentinel.name} 5000"]  # fmt: skip
+            if password:
+                lines.append(f"sentinel auth-pass {sentinel.name} {password}")
+            conf.write_text("\n".join(lines) + "\n")
+            sentinel.sentinels[port] = subprocess.Popen(
+                [REDIS_SERVER, str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            replica = [p for p in sentinel.servers if p != master][0]
+            synced = "master_link_status:up" in sentinel.cli(replica, "INFO", "replication")
+            known = [_redis_cli(None, p, "SENTINEL", "master", sentinel.name)
+                     for p in sentinel.sentinels]  # fmt: skip
+            if synced and all(_field(k, "num-slaves") == "1" and _field(k, "num-other-sentinels")
+                              == "2" for k in known):  # fmt: skip
+                return sentinel
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis sentinels did not learn the replica and each other")
+            time.sleep(0.1)
+    except BaseException:
+        sentinel.stop()
+        raise
+
+
+def _field(reply: str, name: str) -> str | None:
+    """The value after ``name`` in redis-cli's one-item-per-line answer to SENTINEL MASTER."""
+    lines = reply.split("\n")
+    return lines[lines.index(name) + 1] if name in lines else None

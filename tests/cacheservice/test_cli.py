@@ -73,6 +73,9 @@ def test_empty_disk_dir_means_no_disk_tier() -> None:
         ({"max_keys": "many"}, "max_keys must be an integer"),
         ({"disk_bytes": "12 parsecs"}, "disk_bytes must be a byte size"),
         ({"colour": "blue"}, "unknown setting 'colour'"),
+        ({"redis_mode": "ring"}, "redis_mode must be one of"),
+        ({"redis_url": "redis://h:26379", "redis_mode": "sentinel"}, "name the master"),
+        ({"redis_url": "redis://h/mm", "redis_mode": "sentinel"}, "must be host:port"),
     ],
 )
 def test_bad_settings_name_the_fix(overrides: dict, needle: str) -> None:

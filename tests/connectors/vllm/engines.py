@@ -19,19 +19,25 @@ BLOCK_TOKENS = 32
 SLOT_BYTES = 36864
 
 
-def start_llm_service(workdir: Path, extra: list[str] | None = None) -> ServiceProcess:
+def start_llm_service(
+    workdir: Path, extra: list[str] | None = None, wrap: list[str] | None = None
+) -> ServiceProcess:
     args = ["--arena-bytes", "8MiB", "--slot-bytes", str(SLOT_BYTES), "--disk-bytes", "64MiB"]
-    return start_service(workdir, extra=args + (extra or []))
+    return start_service(workdir, extra=args + (extra or []), wrap=wrap, unix_socket=bool(wrap))
 
 
 def start_engine(
-    spec: dict, log: Path, module: str = "tests.connectors.vllm.engine_run"
+    spec: dict,
+    log: Path,
+    module: str = "tests.connectors.vllm.engine_run",
+    wrap: list[str] | None = None,
 ) -> subprocess.Popen:
-    """Start ``module`` (an engine runner) with ``spec`` in a fresh process, output to ``log``."""
+    """Start ``module`` (an engine runner) with ``spec`` in a fresh process, output to ``log``
+    (run under the ``wrap`` prefix: another network host)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", module, json.dumps(spec)],
+            [*(wrap or []), sys.executable, "-m", module, json.dumps(spec)],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -52,9 +58,11 @@ def wait_engine(proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> di
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def run_engine(spec: dict, log: Path, timeout: float = 240.0) -> dict:
+def run_engine(
+    spec: dict, log: Path, timeout: float = 240.0, wrap: list[str] | None = None
+) -> dict:
     """Run ``engine_run`` with ``spec`` in a fresh process; returns its result dict."""
-    return wait_engine(start_engine(spec, log), log, timeout)
+    return wait_engine(start_engine(spec, log, wrap=wrap), log, timeout)
 
 
 def ask_while_stopped(side, request, proc: subprocess.Popen) -> tuple[list, float]:
