@@ -55,6 +55,44 @@ def _keys(cluster: RedisClusterProcess, port: int) -> str:
     return cluster.cli(port, "DBSIZE").strip() or "0"
 
 
+async def test_kv_sized_values_move_whole_within_a_short_timeout(cluster) -> None:
+    """32 MiB values (a 256-token chunk of an 8B model): each one SET, no timeout with a
+    1 s wait budget (it bounds a stall, not a transfer), read back whole and verified."""
+    tier = RedisClusterTier(cluster.url, 1 << 30, prefix="big:", timeout=1.0)
+    await tier.start()
+    blocks = make_block_chain(3, size=32 << 20, start=7000)
+    assert all(await tier.put_many([(b.meta, b.payload) for b in blocks]))
+    got = await tier.get_many([b.meta.key for b in blocks])
+    assert [bytes(g.payload) == b.payload for g, b in zip(got, blocks, strict=True)] == [True] * 3
+    assert tier.errors.io_error == 0
+    for b in blocks:
+        await tier.delete(b.meta.key)
+    await tier.close()
+
+
+async def test_a_stale_slot_map_follows_moved(cluster) -> None:
+    """The fast path sends a key to the master its slot map names; when that map is stale
+    (a resharding moved the slot), the node answers MOVED and the batch goes again through
+    redis-py's cluster client, which follows it: the right bytes, no error, no miss."""
+    blocks = make_block_chain(6, size=4096, start=8000)
+    tier = await make_tier(cluster.url, "m:")
+    assert all(await tier.put_many([(b.meta, b.payload) for b in blocks]))
+    manager = tier._client.nodes_manager
+    rkey = tier._rkey(blocks[0].meta.key)
+    slot = tier._client.keyslot(rkey)
+    owner = manager.get_node_from_slot(slot)
+    other = next(n for n in manager.nodes_cache.values()
+                 if n.server_type == "primary" and n.name != owner.name)  # fmt: skip
+    manager.slots_cache[slot] = [other]  # what a client sees before it learns of a resharding
+    got = await tier.get_many([b.meta.key for b in blocks])
+    assert [bytes(g.payload) for g in got] == [b.payload for b in blocks]
+    manager.slots_cache[slot] = [other]
+    assert all(await tier.put_many([(b.meta, b.payload) for b in blocks]))
+    assert tier.errors.io_error == 0
+    assert manager.get_node_from_slot(slot).name == owner.name  # the map was learnt again
+    await tier.close()
+
+
 async def test_corrupt_value_is_a_miss_and_removed(cluster) -> None:
     import redis.asyncio.cluster as rc
 
@@ -128,17 +166,24 @@ async def test_wrong_password_is_a_start_up_error(tmp_path: Path) -> None:
         cluster.stop()
 
 
-async def test_tls_cluster_round_trip(tmp_path: Path) -> None:
+async def test_tls_cluster_round_trip_as_an_acl_user(tmp_path: Path) -> None:
     certs = make_tls_certs(tmp_path / "certs")
     cluster = start_redis_cluster(tmp_path / "tls", masters=3, replicas=0, tls=certs)
     try:
         assert cluster.url.startswith("rediss://")
-        tier = await make_tier(cluster.url, "t:")
+        for port in cluster.nodes:
+            cluster.cli(port, "ACL", "SETUSER", "kv", "on", ">tls-pass", "~t:*", "+@all")
+        url = cluster.url.replace("rediss://", "rediss://kv:tls-pass@")
+        tier = await make_tier(url, "t:")
         blocks = make_block_chain(16, size=4096, start=2000)
         assert all(await tier.put_many([(b.meta, b.payload) for b in blocks]))
         got = await tier.get_many([b.meta.key for b in blocks])
         assert [bytes(g.payload) for g in got] == [b.payload for b in blocks]
         await tier.close()
+        bad = RedisClusterTier(url.replace("tls-pass", "nope"), 1 << 20)
+        with pytest.raises(TierStartError, match="refused"):
+            await bad.start()
+        await bad.close()
         plain = RedisClusterTier(cluster.url.replace("rediss://", "redis://"), 1 << 20)
         await plain.start()  # plaintext against a TLS-only cluster: misses, never a hang
         (block,) = make_block_chain(1, size=1024)
