@@ -53,6 +53,7 @@ class WorkerPart(Protocol):
     def wait_for_save(self, meta: Any) -> None: ...
     def get_finished(self) -> set[str] | None: ...
     def take_load_errors(self) -> set[int]: ...
+    def wait_for_layer_load(self, layer_name: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -107,7 +108,7 @@ class SidedConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are whole-request and asynchronous: vLLM waits via get_finished
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any

@@ -25,6 +25,7 @@ from connectors.blend.recompute import ChunkKV, Segment, blend_prefill
 from connectors.blend.store import ChunkStore, KVLayout
 from connectors.gate import Gate
 from connectors.vllm import kv_layout as kvl
+from connectors.vllm.async_loads import Loads
 from connectors.vllm.blend_scheduler import (
     BlendLoad,
     BlendMeta,
@@ -32,7 +33,6 @@ from connectors.vllm.blend_scheduler import (
     BlendShape,
     make_policy,
 )
-from connectors.vllm.worker import Loads
 
 log = logging.getLogger("cacheservice.connectors.vllm.blend")
 
@@ -144,6 +144,9 @@ class BlendWorker:
 
     def take_load_errors(self) -> set[int]:
         return self._loads.take_errors()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # chunks load before the request is scheduled (get_finished)
 
     def close(self) -> None:
         self._loads.close()

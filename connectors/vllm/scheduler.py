@@ -40,7 +40,8 @@ class Settings(ExtraSettings):
 
     url: str = DEFAULT_URL
     token: str | None = None
-    timeout_s: float = 2.0  # any one control-plane call from a worker
+    timeout_s: float = 2.0  # any one control-plane call from a worker off the step (saves)
+    load_timeout_s: float = 0.25  # an acquire, which runs inside an engine step
     lookup_wait_s: float = 0.02  # how long one scheduler step waits for a lookup
     lookup_timeout_s: float = 0.5  # a lookup not answered by then is a miss
     retry_s: float = 2.0  # after a failed call, the service is skipped this long
@@ -209,7 +210,7 @@ class SchedulerSide:
         if matched <= 0:
             return 0, False
         st.local_tokens = num_computed_tokens
-        return matched, True
+        return matched, False  # loaded within the step that computes the rest (worker.py)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)

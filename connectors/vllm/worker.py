@@ -3,11 +3,21 @@ cache and the service's shared-memory arena.
 
 A block's payload in the arena is the concatenation of that block's bytes in every attention
 layer, in the layer order of the KV cache group, each layer's block copied as opaque bytes
-(the CPU backend's transposed key tiles included). Loads run on a background thread and are
-reported through ``get_finished``; a block whose checksum does not match, that the service
-could not produce, or that arrives while the service is failing is reported as a load error so
-vLLM recomputes it. Saves copy into reserved slots right after the forward, before vLLM can
-reuse the blocks, and commit them; the service skips blocks it already holds.
+(the CPU backend's transposed key tiles included).
+
+Loads are synchronous and layer-wise: the request runs in the very step its blocks load (no
+extra engine steps, as an asynchronous load costs). ``start_load_kv`` acquires and verifies
+the step's blocks; each layer's copy lands by the time vLLM's ``wait_for_layer_load`` for it
+returns (transfer.py: on the engine thread for a CPU cache, on a side stream with one event
+per layer for a GPU cache, whose first layers then compute while the rest are in flight). A
+block whose checksum does not match, that the service could not produce, or that arrives while
+the service is failing is reported through vLLM's failed-block API, which recomputes from it.
+The acquire runs under its own short timeout (``load_timeout_s``), and an open gate is the only
+way to reach the service, so a dead or hung service costs at most one timeout, then nothing.
+
+Saves copy into reserved slots right after the forward, before vLLM can reuse the blocks (on a
+GPU: enqueued on the side stream), and commit them on a thread off the step, which hashes
+the slots once the copies are done; the service skips blocks it already holds.
 """
 
 from __future__ import annotations
@@ -15,9 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import xxhash
@@ -35,6 +44,7 @@ from connectors.vllm.scheduler import (
     SaveSpec,
     Settings,
 )
+from connectors.vllm.transfer import CudaLayerLoad, CudaSave, HostLayerLoad, pin_arena, prefault
 
 log = logging.getLogger("cacheservice.connectors.vllm")
 
@@ -54,39 +64,12 @@ def block_major(cache: torch.Tensor, num_blocks: int, name: str) -> torch.Tensor
     return cache.unflatten(0, (num_blocks, -1))
 
 
-S = TypeVar("S")
-
-
-class Loads(Generic[S]):
-    """Per-request loads run one at a time on a background thread and collected on the engine's
-    thread: ``finish(spec, future)`` runs there once a load is done and returns the engine
-    blocks it did not fill, which vLLM then recomputes (``take_errors``)."""
-
-    def __init__(self, thread_name: str, finish: Callable[[S, Future], Iterable[int]]):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
-        self._finish = finish
-        self._loading: dict[str, tuple[S, Future]] = {}
-        self._errors: set[int] = set()
-
-    def start(self, req_id: str, spec: S, load: Callable[[S], object]) -> None:
-        self._loading[req_id] = (spec, self._pool.submit(load, spec))
-
-    def finished(self) -> set[str] | None:
-        finished: set[str] = set()
-        for req_id, (spec, fut) in list(self._loading.items()):
-            if not fut.done():
-                continue
-            del self._loading[req_id]
-            self._errors.update(self._finish(spec, fut))
-            finished.add(req_id)
-        return finished or None
-
-    def take_errors(self) -> set[int]:
-        errors, self._errors = self._errors, set()
-        return errors
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+@dataclass
+class _StepLoad:
+    load: HostLayerLoad | CudaLayerLoad
+    loads: list[LoadSpec]
+    loaded: set[int]  # engine blocks that verified and are being copied in
+    leases: list[str]
 
 
 class WorkerSide:
@@ -94,15 +77,23 @@ class WorkerSide:
         self.layout, self.rank, self.num_blocks = layout, tp_rank, num_blocks
         self.ns = layout.namespaces[tp_rank]
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
+        # Loads run inside an engine step: their calls get a short timeout of their own.
+        self.load_client = CacheClient(
+            settings.url, settings.token, timeout=settings.load_timeout_s
+        )
         self.gate = Gate(settings.retry_s, self.client.health)
         self._copier: BlockCopier | None = None  # set by register_kv_caches
         self._arena: ArenaClient | None = None
         self._arena_lock = threading.Lock()
-        self._loads: Loads[LoadSpec] = Loads("cs-load", self._finish_load)
+        self._pinned: dict[int, bool] = {}  # id(arena view) -> registered with CUDA
+        self._layer_index = {name: i for i, name in enumerate(layout.layers)}
+        self._step: _StepLoad | None = None  # this step's loads, until every layer is in
+        self._load_errors: set[int] = set()
         # Commits (writer checksum + HTTP) run here, in order, off the engine's step.
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-commit")
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
-        self.stats |= {"load_s": 0.0, "acquire_s": 0.0, "save_s": 0.0}
+        self.stats |= {"load_s": 0.0, "acquire_s": 0.0, "verify_s": 0.0, "copy_in_s": 0.0}
+        self.stats |= {"save_s": 0.0, "reserve_s": 0.0, "copy_out_s": 0.0, "commit_s": 0.0}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [name for name in self.layout.layers if name not in kv_caches]
@@ -118,6 +109,9 @@ class WorkerSide:
                     f"{self.layout.layer_bytes}: this KV cache layout is not supported"
                 )
             layers.append(t)
+        storages = {t.untyped_storage().data_ptr(): t for t in layers if not t.is_cuda}
+        for t in storages.values():
+            prefault(t)
         self._copier = BlockCopier(layers, self.layout.layer_bytes)
 
     # -- the data plane -------------------------------------------------------------------
@@ -127,7 +121,10 @@ class WorkerSide:
             if self._arena is None:
                 info = self.client.register(self.ns, self.layout.block_bytes)
                 self._arena = ArenaClient(info.arena["path"])
-            return self._arena.current()  # remapped if a restarted service replaced the file
+            view = self._arena.current()  # remapped if a restarted service replaced the file
+            if self._copier.layers[0].is_cuda and id(view) not in self._pinned:
+                self._pinned[id(view)] = pin_arena(view)  # DMA straight from the arena
+            return view
 
     def _call(self, fn, *args):
         """A service call that may be retried once after the service forgot the namespace."""
@@ -141,67 +138,126 @@ class WorkerSide:
 
     # -- loads ----------------------------------------------------------------------------
 
-    def _load(self, spec: LoadSpec) -> int:
-        """Fill ``spec.block_ids`` from the service; returns how many leading blocks loaded."""
-        if not self.gate.open:
-            return 0
+    def _acquire(self, arena: ArenaView, spec: LoadSpec) -> tuple[str, list[int]]:
+        """Pin ``spec``'s blocks; (lease, slots of the leading blocks that verified)."""
         keys = list(spec.keys[self.rank])
+        start = time.perf_counter()
+        acq = self._call(self.load_client.acquire, self.ns.id, keys)
+        verify = time.perf_counter()
+        self.stats["acquire_s"] += verify - start
+        slots: list[int] = []
+        for slot, csum, length in zip(acq.slots, acq.checksums, acq.lengths, strict=False):
+            if len(slots) == len(keys) or length != self.layout.block_bytes:
+                break
+            if xxhash.xxh3_64_intdigest(arena.payload(slot, length)) != csum:
+                log.warning("block %s failed its checksum, recomputing", keys[len(slots)].hex())
+                break
+            slots.append(slot)
+        self.stats["verify_s"] += time.perf_counter() - verify
+        return acq.lease, slots
+
+    def _begin(self, loads: list[LoadSpec]) -> None:
+        """Acquire and verify every load of this step on the engine's thread (the step needs
+        them before its first attention layer anyway), then hand the copies to a layer load."""
+        start = time.perf_counter()
+        leases: list[str] = []
+        slots: list[int] = []
+        blocks: list[int] = []
         try:
             arena = self._arena_view()
-            start = time.perf_counter()
-            acq = self._call(self.client.acquire, self.ns.id, keys)
-            self.stats["acquire_s"] += time.perf_counter() - start
-        except ServiceUnavailable as e:
+            for spec in loads:
+                try:
+                    lease, got = self._acquire(arena, spec)
+                except ServiceUnavailable as e:
+                    self.gate.failed(e)
+                    break  # the rest would wait for the same dead service: recompute them
+                except CacheServiceError as e:
+                    log.error("cacheservice refused a load, recomputing: %s", e)
+                    continue
+                leases += [lease] if lease else []  # an acquire that found nothing has no lease
+                slots += got
+                blocks += spec.block_ids[: len(got)]
+            load_type = CudaLayerLoad if self._copier.layers[0].is_cuda else HostLayerLoad
+            self._step = _StepLoad(load_type(self._copier, arena, self._copier.plan(slots, blocks)),
+                                   loads, set(blocks), leases)  # fmt: skip
+        except ServiceUnavailable as e:  # no arena: the service went away
             self.gate.failed(e)
-            return 0
-        except CacheServiceError as e:
-            log.error("cacheservice refused a load, recomputing: %s", e)
-            return 0
-        done = 0
-        try:
-            for slot, csum, length in zip(acq.slots, acq.checksums, acq.lengths, strict=False):
-                if done == len(keys) or length != self.layout.block_bytes:
-                    break
-                if xxhash.xxh3_64_intdigest(arena.payload(slot, length)) != csum:
-                    log.warning("block %s failed its checksum, recomputing", keys[done].hex())
-                    break
-                done += 1
-            self._copier.load(arena, list(acq.slots[:done]), list(spec.block_ids[:done]))
-        finally:
-            try:
-                if acq.lease:  # an acquire that found nothing opened no lease
-                    self.client.release(acq.lease)
-            except CacheServiceError as e:  # the lease expires on its own
-                log.info("release failed: %s", e)
-        return done
-
-    def _timed_load(self, spec: LoadSpec) -> int:
-        start = time.perf_counter()
-        try:
-            return self._load(spec)
+            self._fail(loads, leases)
+        except Exception:  # a bug must not take the engine down: recompute instead
+            log.exception("loading %d requests failed, recomputing", len(loads))
+            self._fail(loads, leases)
         finally:
             self.stats["load_s"] += time.perf_counter() - start
 
-    def _finish_load(self, spec: LoadSpec, fut: Future) -> tuple[int, ...]:
-        try:
-            done = fut.result()
-        except Exception:  # a bug must not take the engine down: recompute instead
-            log.exception("load of %s failed", spec.req_id)
-            done = 0
-        failed = spec.block_ids[done:]
-        self.stats["loaded_blocks"] += done
+    def _fail(self, loads: list[LoadSpec], leases: list[str]) -> None:
+        failed = [b for spec in loads for b in spec.block_ids]
+        self._load_errors.update(failed)
         self.stats["failed_blocks"] += len(failed)
-        return failed
+        if leases:
+            self._commits.submit(self._release, leases)
+
+    def _release(self, leases: list[str]) -> None:
+        for lease in leases:
+            try:
+                self.client.release(lease)
+            except CacheServiceError as e:  # the lease expires on its own
+                log.info("release failed: %s", e)
 
     def start_load_kv(self, meta: CacheServiceMeta) -> None:
-        for spec in meta.loads:
-            self._loads.start(spec.req_id, spec, self._timed_load)
+        self._finish_loads()
+        if not meta.loads:
+            return
+        if not self.gate.open:  # recompute every block without touching the service
+            self._fail(meta.loads, [])
+            return
+        self._begin(meta.loads)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Return once this step's loads have put this layer's blocks in place."""
+        i = self._layer_index.get(layer_name)
+        if self._step is not None and i is not None:
+            start = time.perf_counter()
+            try:
+                self._step.load.wait(i)
+            except Exception:
+                log.exception("copying layer %s failed, recomputing", layer_name)
+                self._abandon()
+            self.stats["copy_in_s"] += time.perf_counter() - start
+
+    def _finish_loads(self) -> None:
+        """Every layer in place (or the step's loads failed); the leases go back off the step."""
+        step = self._step
+        if step is None:
+            return
+        start = time.perf_counter()
+        try:
+            step.load.finish()
+        except Exception:
+            log.exception("finishing a load failed, recomputing")
+            self._abandon()
+            return
+        finally:
+            self.stats["copy_in_s"] += time.perf_counter() - start
+        self._step = None
+        failed = [b for spec in step.loads for b in spec.block_ids if b not in step.loaded]
+        self._load_errors.update(failed)
+        self.stats["loaded_blocks"] += len(step.loaded)
+        self.stats["failed_blocks"] += len(failed)
+        if step.leases:  # only frees pins early: they expire anyway
+            self._commits.submit(self._release, step.leases)
+
+    def _abandon(self) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            self._fail(step.loads, step.leases)
 
     def get_finished(self) -> set[str] | None:
-        return self._loads.finished()
+        return None  # loads are synchronous: done within their step
 
     def take_load_errors(self) -> set[int]:
-        return self._loads.take_errors()
+        self._finish_loads()
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     # -- saves ----------------------------------------------------------------------------
 
@@ -209,7 +265,10 @@ class WorkerSide:
         """Copy the request's new blocks into reserved slots now (vLLM may reuse its blocks
         once the step ends); checksum and commit them on the save thread, off the step."""
         keys = list(spec.keys[self.rank])
+        start = time.perf_counter()
         res = self._call(self.client.reserve, self.ns.id, keys, spec.parents[self.rank])
+        copy = time.perf_counter()
+        self.stats["reserve_s"] += copy - start
         if not res.lease:
             return  # nothing to store: all held already, or no room
         # Mapped after the reserve: the arena that gave these slots. Should it have been
@@ -217,23 +276,35 @@ class WorkerSide:
         # the service publishes nothing.
         arena = self._arena_view()
         pairs = [(s, b) for s, b in zip(res.slots, spec.block_ids, strict=False) if s is not None]
-        self._copier.save(arena, [s for s, _ in pairs], [b for _, b in pairs])
-        self._commits.submit(self._commit, arena, res)
+        plan = self._copier.plan([s for s, _ in pairs], [b for _, b in pairs])
+        copying = None
+        if self._copier.layers[0].is_cuda:
+            copying = CudaSave(self._copier, arena, plan)
+        else:
+            for layer in range(len(self._copier.layers)):
+                self._copier.copy_layer(arena, layer, plan, into_cache=False)
+        self.stats["copy_out_s"] += time.perf_counter() - copy
+        self._commits.submit(self._commit, arena, res, copying)
 
-    def _commit(self, arena: ArenaView, res: ReserveResult) -> None:
+    def _commit(self, arena: ArenaView, res: ReserveResult, copying: CudaSave | None) -> None:
+        start = time.perf_counter()
         try:
+            if copying is not None:
+                copying.done()
             n = self.layout.block_bytes
             sums = [None if s is None else xxhash.xxh3_64_intdigest(arena.payload(s, n))
                     for s in res.slots]  # fmt: skip
             self.stats["saved_blocks"] += self.client.commit(
                 res.lease, [s is not None for s in res.slots], sums
             )
+            self.stats["commit_s"] += time.perf_counter() - start
         except ServiceUnavailable as e:
             self.gate.failed(e)
         except Exception as e:  # a refused commit only loses a future hit
             log.error("cacheservice commit skipped: %r", e)
 
     def wait_for_save(self, meta: CacheServiceMeta) -> None:
+        self._finish_loads()  # the forward has run: every layer landed already
         start = time.perf_counter()
         for spec in meta.saves:
             if not self.gate.open:
@@ -251,6 +322,6 @@ class WorkerSide:
         self._commits.submit(lambda: None).result()
 
     def close(self) -> None:
-        self._loads.close()
         self._commits.shutdown(wait=True)  # committed blocks reach the service before exit
         self.client.close()
+        self.load_client.close()

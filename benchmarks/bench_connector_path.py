@@ -1,0 +1,152 @@
+"""The vLLM connector worker's own save and load path against a real ``cacheservice serve``,
+beside the memcpy limit measured in the same run:
+
+    python benchmarks/bench_connector_path.py [--block-mib 2,32] [--gib 2] [--reps 3]
+
+KV is Llama-3.1-8B-shaped bf16 (32 layers, 8 KV heads, head_dim 128: 128 KiB per token) in a
+block-major paged cache like vLLM's. Store = the worker's ``wait_for_save`` (reserve over HTTP,
+copy each layer into the arena slots) plus its commit (xxh3 of every slot, HTTP commit), until
+``flush`` returns. Retrieve = ``start_load_kv`` (acquire over HTTP, xxh3 verify, copy each
+layer into engine blocks) until every layer has landed. Hashing the prompt into keys is timed
+inside both (``prefix_keys``, as the scheduler does). The limit is one ``np.copyto`` of the
+same bytes between two touched buffers. Each case is the median of ``--reps`` interleaved runs
+(limit, store, retrieve), each run on fresh keys; the service has the host tier only (no
+disk, whose write-down would compete for the CPU), sized to hold two runs (the reserve caps
+keep a quarter of the arena for readers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from connectors.vllm.scheduler import (  # noqa: E402
+    CacheLayout,
+    CacheServiceMeta,
+    LoadSpec,
+    SaveSpec,
+    Settings,
+)
+from connectors.vllm.worker import WorkerSide  # noqa: E402
+from index.hashing import ROOT_KEY, Namespace, prefix_keys  # noqa: E402
+from tests.processes import start_service  # noqa: E402
+
+GIB = 1 << 30
+LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
+TOKEN_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # 128 KiB
+REQUEST_TOKENS = 4096  # one request's prompt: 512 MiB of KV
+
+
+def make_worker(url: str, block_tokens: int, num_blocks: int) -> tuple[WorkerSide, list]:
+    layer_bytes = block_tokens * 2 * KV_HEADS * HEAD_DIM * 2
+    ns = Namespace("bench/llama-3.1-8b-shape", "bfloat16", "bench", block_tokens)
+    names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS))
+    layout = CacheLayout((ns,), layer_bytes * LAYERS, names, layer_bytes, block_tokens)
+    worker = WorkerSide(Settings(url=url, load_timeout_s=30.0, timeout_s=30.0), layout, 0,
+                        num_blocks)  # fmt: skip
+    caches = {
+        n: torch.randn(num_blocks, 2, block_tokens, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
+        for n in names
+    }
+    worker.register_kv_caches(caches)
+    return worker, list(caches.values())
+
+
+def store(worker: WorkerSide, prompts: list[list[int]], block_ids: list[list[int]]) -> float:
+    ns, bt = worker.ns, worker.layout.block_tokens
+    start = time.perf_counter()
+    for i, (prompt, ids) in enumerate(zip(prompts, block_ids, strict=True)):
+        keys = tuple(prefix_keys(prompt, ns.seed, bt))
+        meta = CacheServiceMeta(saves=[SaveSpec(f"s{i}", (keys,), (ROOT_KEY,), tuple(ids))])
+        worker.wait_for_save(meta)
+    worker.flush()
+    return time.perf_counter() - start
+
+
+def retrieve(worker: WorkerSide, prompts: list[list[int]], block_ids: list[list[int]]) -> float:
+    ns, bt = worker.ns, worker.layout.block_tokens
+    start = time.perf_counter()
+    for i, (prompt, ids) in enumerate(zip(prompts, block_ids, strict=True)):
+        keys = tuple(prefix_keys(prompt, ns.seed, bt))
+        worker.start_load_kv(CacheServiceMeta(loads=[LoadSpec(f"l{i}", (keys,), tuple(ids))]))
+        for name in worker.layout.layers:
+            worker.wait_for_layer_load(name)
+        errors = worker.take_load_errors()
+        assert not errors, f"{len(errors)} blocks failed to load: {worker.stats}"
+    return time.perf_counter() - start
+
+
+def run_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
+    block_tokens = (block_mib << 20) // TOKEN_BYTES
+    block_bytes = block_tokens * TOKEN_BYTES
+    requests = max(1, int(gib * GIB) // (REQUEST_TOKENS * TOKEN_BYTES))
+    per_request = REQUEST_TOKENS // block_tokens
+    total_blocks = requests * per_request
+    nbytes = total_blocks * block_bytes
+    slot = block_bytes + 4096
+    svc = start_service(
+        work / f"svc-{block_mib}",
+        extra=[
+            "--arena-bytes",
+            str(slot * (2 * total_blocks + 8)),
+            "--slot-bytes",
+            str(slot),
+            "--disk-dir",
+            "",
+        ],  # fmt: skip
+    )
+    # Engine blocks: the first half is saved from, the second half loaded into.
+    worker, caches = make_worker(svc.url, block_tokens, 2 * total_blocks)
+    src = [list(range(r * per_request, (r + 1) * per_request)) for r in range(requests)]
+    dst = [[b + total_blocks for b in ids] for ids in src]
+    a, b = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    rng = np.random.default_rng(block_mib)
+    times: dict[str, list[float]] = {"limit": [], "store": [], "retrieve": []}
+    try:
+        for _ in range(reps):
+            start = time.perf_counter()
+            np.copyto(b, a)
+            times["limit"].append(time.perf_counter() - start)
+            prompts = [rng.integers(0, 1 << 17, REQUEST_TOKENS).tolist() for _ in range(requests)]
+            times["store"].append(store(worker, prompts, src))
+            times["retrieve"].append(retrieve(worker, prompts, dst))
+            for c in caches[:: LAYERS // 4]:  # what was loaded is what was saved
+                assert torch.equal(c[src[0][0]], c[dst[0][0]]), "loaded KV differs"
+        assert worker.stats["saved_blocks"] == reps * total_blocks, worker.stats
+    finally:
+        worker.close()
+        svc.stop()
+    rate = {k: nbytes / statistics.median(v) / GIB for k, v in times.items()}
+    print(f"  {block_mib:>2} MiB blocks ({block_tokens} tokens), {nbytes / GIB:.2f} GiB/run:  "
+          f"store {rate['store']:5.2f} GiB/s ({rate['store'] / rate['limit']:4.2f}x)   "
+          f"retrieve {rate['retrieve']:5.2f} GiB/s ({rate['retrieve'] / rate['limit']:4.2f}x)   "
+          f"np.copyto {rate['limit']:5.2f} GiB/s")  # fmt: skip
+    phases = {k: round(v / reps, 3) for k, v in worker.stats.items() if k.endswith("_s")}
+    print(f"     seconds per run: {phases}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--block-mib", default="2,32")
+    p.add_argument("--gib", type=float, default=2.0, help="KV bytes per run")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    print(f"connector worker path vs np.copyto, Llama-3.1-8B-shaped bf16 KV, medians of "
+          f"{args.reps} interleaved runs, torch threads {torch.get_num_threads()}")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench_path_") as tmp:
+        for mib in args.block_mib.split(","):
+            run_case(int(mib), args.gib, args.reps, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
