@@ -52,7 +52,7 @@ def make_worker(url: str, block_tokens: int, num_blocks: int) -> tuple[WorkerSid
     ns = Namespace("bench/llama-3.1-8b-shape", "bfloat16", "bench", block_tokens)
     names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS))
     layout = CacheLayout((ns,), layer_bytes * LAYERS, names, layer_bytes, block_tokens)
-    worker = WorkerSide(Settings(url=url, load_timeout_s=30.0, timeout_s=30.0), layout, 0,
+    worker = WorkerSide(Settings(url=url, step_timeout_s=30.0, timeout_s=30.0), layout, 0,
                         num_blocks)  # fmt: skip
     caches = {
         n: torch.randn(num_blocks, 2, block_tokens, KV_HEADS, HEAD_DIM).to(torch.bfloat16)

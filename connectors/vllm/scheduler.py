@@ -41,7 +41,7 @@ class Settings(ExtraSettings):
     url: str = DEFAULT_URL
     token: str | None = None
     timeout_s: float = 2.0  # any one control-plane call from a worker off the step (saves)
-    load_timeout_s: float = 0.25  # an acquire, which runs inside an engine step
+    step_timeout_s: float = 0.25  # a worker call inside an engine step (acquire, reserve)
     lookup_wait_s: float = 0.02  # how long one scheduler step waits for a lookup
     lookup_timeout_s: float = 0.5  # a lookup not answered by then is a miss
     retry_s: float = 2.0  # after a failed call, the service is skipped this long
@@ -238,6 +238,8 @@ class SchedulerSide:
     def build_connector_meta(self, so: SchedulerOutput) -> CacheServiceMeta:
         meta = CacheServiceMeta(loads=self._loads)
         self._loads = []
+        if not self.gate.open:  # the service failed us: a save would only wait on it
+            return meta
         for req_id, st, done in scheduled(so, self._reqs):
             self._plan_save(req_id, st, done, meta)  # nothing once the prompt is stored
         return meta

@@ -12,8 +12,9 @@ returns (transfer.py: on the engine thread for a CPU cache, on a side stream wit
 per layer for a GPU cache, whose first layers then compute while the rest are in flight). A
 block whose checksum does not match, that the service could not produce, or that arrives while
 the service is failing is reported through vLLM's failed-block API, which recomputes from it.
-The acquire runs under its own short timeout (``load_timeout_s``), and an open gate is the only
-way to reach the service, so a dead or hung service costs at most one timeout, then nothing.
+Calls inside a step (acquire, reserve) run under their own short timeout (``step_timeout_s``),
+and an open gate is the only way to reach the service, so a dead or hung service costs at most
+one timeout, then nothing.
 
 Saves copy into reserved slots right after the forward, before vLLM can reuse the blocks (on a
 GPU: enqueued on the side stream), and commit them on a thread off the step, which hashes
@@ -64,6 +65,10 @@ def block_major(cache: torch.Tensor, num_blocks: int, name: str) -> torch.Tensor
     return cache.unflatten(0, (num_blocks, -1))
 
 
+def _digests(arena: ArenaView, slots: list[int], length: int) -> list[int]:
+    return [xxhash.xxh3_64_intdigest(arena.payload(s, length)) for s in slots]
+
+
 @dataclass
 class _StepLoad:
     load: HostLayerLoad | CudaLayerLoad
@@ -78,8 +83,8 @@ class WorkerSide:
         self.ns = layout.namespaces[tp_rank]
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
         # Loads run inside an engine step: their calls get a short timeout of their own.
-        self.load_client = CacheClient(
-            settings.url, settings.token, timeout=settings.load_timeout_s
+        self.step_client = CacheClient(
+            settings.url, settings.token, timeout=settings.step_timeout_s
         )
         self.gate = Gate(settings.retry_s, self.client.health)
         self._copier: BlockCopier | None = None  # set by register_kv_caches
@@ -89,6 +94,7 @@ class WorkerSide:
         self._layer_index = {name: i for i, name in enumerate(layout.layers)}
         self._step: _StepLoad | None = None  # this step's loads, until every layer is in
         self._load_errors: set[int] = set()
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-verify")
         # Commits (writer checksum + HTTP) run here, in order, off the engine's step.
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-commit")
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
@@ -142,14 +148,23 @@ class WorkerSide:
         """Pin ``spec``'s blocks; (lease, slots of the leading blocks that verified)."""
         keys = list(spec.keys[self.rank])
         start = time.perf_counter()
-        acq = self._call(self.load_client.acquire, self.ns.id, keys)
+        acq = self._call(self.step_client.acquire, self.ns.id, keys)
         verify = time.perf_counter()
         self.stats["acquire_s"] += verify - start
-        slots: list[int] = []
-        for slot, csum, length in zip(acq.slots, acq.checksums, acq.lengths, strict=False):
-            if len(slots) == len(keys) or length != self.layout.block_bytes:
+        n = self.layout.block_bytes
+        found = []
+        for slot, length in zip(acq.slots[: len(keys)], acq.lengths, strict=False):
+            if length != n:
                 break
-            if xxhash.xxh3_64_intdigest(arena.payload(slot, length)) != csum:
+            found.append(slot)
+        # xxh3 releases the GIL: the halves hash on two cores while this thread waits.
+        half = len(found) // 2 if len(found) >= 8 else 0
+        rest = self._verifier.submit(_digests, arena, found[half:], n) if half else None
+        sums = _digests(arena, found[:half] if half else found, n)
+        sums += rest.result() if rest else []
+        slots: list[int] = []
+        for slot, got, want in zip(found, sums, acq.checksums, strict=False):
+            if got != want:
                 log.warning("block %s failed its checksum, recomputing", keys[len(slots)].hex())
                 break
             slots.append(slot)
@@ -266,7 +281,7 @@ class WorkerSide:
         once the step ends); checksum and commit them on the save thread, off the step."""
         keys = list(spec.keys[self.rank])
         start = time.perf_counter()
-        res = self._call(self.client.reserve, self.ns.id, keys, spec.parents[self.rank])
+        res = self._call(self.step_client.reserve, self.ns.id, keys, spec.parents[self.rank])
         copy = time.perf_counter()
         self.stats["reserve_s"] += copy - start
         if not res.lease:
@@ -323,5 +338,6 @@ class WorkerSide:
 
     def close(self) -> None:
         self._commits.shutdown(wait=True)  # committed blocks reach the service before exit
+        self._verifier.shutdown(wait=True)
         self.client.close()
-        self.load_client.close()
+        self.step_client.close()
