@@ -1,5 +1,6 @@
-"""Whole-block copies between a paged KV cache and a real arena: one op per layer for dense
-pages, a per-block fallback otherwise; bytes land exactly where the arena format says."""
+"""Whole-block copies between a paged KV cache and a real arena: per layer one strided copy per
+run of consecutive ids or one gather + scatter, a per-block fallback for pages that are not
+dense; bytes land exactly where the arena format says, layer by layer on demand."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from cacheservice.arena import ArenaView
 from connectors.vllm.copies import BlockCopier
+from connectors.vllm.transfer import HostLayerLoad, prefault
 from tiers.host import HostTier
 
 LAYERS, BLOCKS = 3, 10
@@ -50,3 +52,35 @@ def test_save_then_load_round_trips(arena: ArenaView, dense: bool) -> None:
     for t, b in zip(layers, back, strict=True):
         assert torch.equal(b[0], t[1]) and torch.equal(b[3], t[4]) and torch.equal(b[8], t[9])
         assert not b[1].any() and not b[9].any()  # nothing else was touched
+
+
+@pytest.mark.parametrize(
+    ("slots", "blocks", "runs", "indexed"),
+    [
+        ([0, 1, 2, 3], [4, 5, 6, 7], 1, False),  # a fresh request: one copy per layer
+        ([6, 7, 0, 1], [0, 1, 2, 3], 2, False),
+        ([5, 2, 7, 0, 3, 6], [1, 4, 9, 0, 2, 8], 6, True),  # scattered: gather + scatter
+    ],
+)
+def test_plans_and_layer_by_layer_loads(arena, slots, blocks, runs, indexed) -> None:
+    gen = torch.Generator().manual_seed(2)
+    layers = [torch.randn(BLOCKS, 2, 32, 16, generator=gen) for _ in range(LAYERS)]
+    copier = BlockCopier(layers, LAYER_BYTES)
+    plan = copier.plan(slots, list(range(len(slots))))
+    assert len(plan.runs) <= len(slots)
+    copier.save(arena, slots, list(range(len(slots))))
+    back = [torch.zeros_like(t) for t in layers]
+    assert all(prefault(t) for t in back)  # backs the pages, changes no byte
+    assert not any(t.any() for t in back)
+    loader = BlockCopier(back, LAYER_BYTES)
+    plan = loader.plan(slots, blocks)
+    assert len(plan.runs) == runs and (plan.slot_index is not None) == indexed
+    load = HostLayerLoad(loader, arena, plan)
+    load.wait(0)  # only the first layer so far: vLLM asks layer by layer
+    assert back[0][blocks[0]].any() and not back[1].any() and not back[2].any()
+    load.finish()
+    for i, block in enumerate(blocks):
+        for t, b in zip(layers, back, strict=True):
+            assert torch.equal(b[block], t[i])
+    untouched = set(range(BLOCKS)) - set(blocks)
+    assert not any(b[u].any() for b in back for u in untouched)
