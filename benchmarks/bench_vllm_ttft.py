@@ -50,14 +50,14 @@ def engine(spec: dict) -> dict:
             kv_role="kv_both",
             kv_connector_extra_config={"url": spec["url"], "token": spec["token"]},
         )
-    longest = max(len(p) for p in spec["warmup"])
+    longest = min(max(len(p) for p in spec["warmup"]) + 64, spec["context"])
     llm = LLM(
         spec["model"],
         dtype=spec["dtype"],
         block_size=BLOCK,
         kv_cache_memory_bytes=spec["kv_bytes"],
-        max_model_len=longest + 64,
-        max_num_batched_tokens=longest + 64,
+        max_model_len=longest,
+        max_num_batched_tokens=longest,
         enable_prefix_caching=True,
         enforce_eager=True,
         kv_transfer_config=kv,
@@ -147,11 +147,15 @@ def bench_model(name: str, lengths: list[int], reps: int, pause: float, work: Pa
     rng = np.random.default_rng(len(name))
     vocab = 49152 if name == "smollm2" else GQA["vocab"]
 
+    context = 8192 if name == "smollm2" else max(lengths) + 512
+    lengths = [min(n, context - BLOCK) for n in lengths]  # SmolLM2's "8K": 8160 + 1 tokens
+
     def prompt(n: int) -> list[int]:
         return rng.integers(3, vocab - 1, n + 1).tolist()  # n cached + the one computed
 
     prompts = {n: [prompt(n) for _ in range(reps)] for n in lengths}
     base = {"model": path, "dtype": dtype, "pause_s": pause, "token": svc.token}
+    base["context"] = context
     base["kv_bytes"] = token_bytes * (max(lengths) + 1024) * 3
     base["warmup"] = [prompt(n) for n in lengths]
     once = [(p, f"{n}") for n in lengths for p in prompts[n]]
