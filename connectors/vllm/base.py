@@ -8,7 +8,9 @@ and how to build each side (connector.py, blend.py).
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -29,6 +31,25 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("cacheservice.connectors.vllm")
+_HOOK_SECONDS = [0.0]  # time this process spent inside connector hooks, both sides
+
+
+def hook_seconds() -> float:
+    """Seconds spent in every connector hook of this process so far: what the connector
+    itself adds to the engine's time (tests compare it per request against a budget)."""
+    return _HOOK_SECONDS[0]
+
+
+def _timed(hook: Callable) -> Callable:
+    @functools.wraps(hook)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            _HOOK_SECONDS[0] += time.perf_counter() - start
+
+    return timed
 
 
 class SchedulerPart(Protocol):
@@ -101,12 +122,15 @@ class SidedConnector(KVConnectorBase_V1):
 
     # -- worker side ----------------------------------------------------------------------
 
+    @_timed
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
 
+    @_timed
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._worker.start_load_kv(self._meta())
 
+    @_timed
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name)
 
@@ -115,12 +139,15 @@ class SidedConnector(KVConnectorBase_V1):
     ) -> None:
         return  # KV is saved after every layer has written it (wait_for_save)
 
+    @_timed
     def wait_for_save(self) -> None:
         self._worker.wait_for_save(self._meta())
 
+    @_timed
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, self._worker.get_finished()
 
+    @_timed
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
 
@@ -129,22 +156,27 @@ class SidedConnector(KVConnectorBase_V1):
 
     # -- scheduler side -------------------------------------------------------------------
 
+    @_timed
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    @_timed
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    @_timed
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
 
+    @_timed
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         return  # failed loads come back as invalid blocks, which vLLM recomputes
 
+    @_timed
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from connectors.vllm.base import SidedConnector
+from connectors.vllm.base import SidedConnector, _timed
 from connectors.vllm.scheduler import (
     CacheLayout,
     CacheServiceMeta,
@@ -61,6 +61,7 @@ class CacheServiceConnector(SidedConnector):
         rank = get_tensor_model_parallel_rank()
         return WorkerSide(settings, layout, rank, kv_cache_config.num_blocks)
 
+    @_timed
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if connector_output.invalid_block_ids:
             # Those loads failed: vLLM recomputes the blocks, so they may be saved after all.

@@ -41,7 +41,7 @@ class Settings(ExtraSettings):
     url: str = DEFAULT_URL
     token: str | None = None
     timeout_s: float = 2.0  # any one control-plane call from a worker off the step (saves)
-    step_timeout_s: float = 0.25  # a worker call inside an engine step (acquire, reserve)
+    step_timeout_s: float = 1.0  # a worker call inside an engine step (acquire, reserve)
     lookup_wait_s: float = 0.02  # how long one scheduler step waits for a lookup
     lookup_timeout_s: float = 0.5  # a lookup not answered by then is a miss
     retry_s: float = 2.0  # after a failed call, the service is skipped this long

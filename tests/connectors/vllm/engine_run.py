@@ -9,7 +9,8 @@ url (absent: no connector), extra (kv_connector_extra_config), prefix_caching,
 block_size, kv_cache_bytes, max_model_len; before / after: {"i": path} to wait for a file
 before prompt i / create it after prompt i (to interleave two engines); batch: true to send
 all prompts in one generate call, with ``started`` a file created right before it.
-Output line: ``RESULT {"outputs": [{"tokens", "cached", "total_s"}], "worker": {stats}}``.
+Output line: ``RESULT {"outputs": [{"tokens", "cached", "total_s", "connector_s"}], "worker":
+{stats}}``; ``connector_s``: time spent inside the connector's hooks during that prompt.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def wait_for(path: str | None, timeout: float = 180.0) -> None:
 def run(spec: dict) -> dict:
     from vllm import SamplingParams
 
+    from connectors.vllm.base import hook_seconds
+
     llm = make_llm(spec)
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0, ignore_eos=True)
     outputs = []
@@ -107,6 +110,7 @@ def run(spec: dict) -> dict:
         return {"outputs": outputs, "worker": worker_stats()}
     for i, prompt in enumerate(spec["prompts"]):
         wait_for(spec.get("before", {}).get(str(i)))
+        hooks = hook_seconds()
         start = time.perf_counter()
         out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
         total = time.perf_counter() - start
@@ -115,6 +119,7 @@ def run(spec: dict) -> dict:
                 "tokens": list(out.outputs[0].token_ids),
                 "cached": out.num_cached_tokens or 0,
                 "total_s": total,
+                "connector_s": hook_seconds() - hooks,
             }
         )
         if str(i) in spec.get("after", {}):

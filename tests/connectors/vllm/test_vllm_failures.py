@@ -181,12 +181,14 @@ def test_a_failed_service_costs_a_request_almost_nothing(
     assert [o["tokens"] for o in res["outputs"]] == [o["tokens"] for o in ref["outputs"]]
     assert res["outputs"][0]["cached"] == 4 * BLOCK_TOKENS  # healthy before the failure
     # Past the first failed call (prompt 1 pays one timeout when hung), requests recompute
-    # without touching the service: compare each with the same prompt without a connector.
+    # without touching the service. What the connector adds is the time spent in its hooks
+    # (exact, unlike wall-clock differences between two engine processes on a busy VM).
+    spent = [o["connector_s"] for o in res["outputs"][2:]]
+    budget = 0.005 if how == "dead" else 0.05
+    print(how, "connector ms per request:", [round(e * 1e3, 2) for e in spent])
+    assert max(spent) <= budget, spent
     extra = [o["total_s"] - r["total_s"] for o, r in zip(res["outputs"][2:], ref["outputs"][2:],
                                                            strict=True)]  # fmt: skip
-    budget = 0.005 if how == "dead" else 0.05
-    print(how, "extra ms per request:", [round(e * 1e3, 1) for e in extra])
-    assert statistics.median(extra) <= budget, extra
-    assert sorted(extra)[-2] <= budget + 0.02, extra  # one noisy outlier allowed
+    assert statistics.median(extra) <= 0.05, extra  # and no cost hides outside the hooks
     # One failed call (the lookup's 0.5 s timeout when hung); the save is not even tried.
     assert res["outputs"][1]["total_s"] < 1.0, res["outputs"][1]
