@@ -163,9 +163,7 @@ class RedisProcess:
     proc: subprocess.Popen
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        _kill(self.proc)
 
 
 def start_redis(workdir: Path) -> RedisProcess:
@@ -230,22 +228,19 @@ class RedisClusterProcess:
         return len(up) >= expected
 
     def kill(self, port: int) -> None:
-        proc = self.nodes[port]
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        _kill(self.nodes[port])
 
     def wait_ok(self, timeout: float = 30.0, masters: int | None = None) -> None:
         """Until every live node says cluster_state:ok (and, given ``masters``, that many live
         masters serve the slots: a killed master's replica was promoted)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ok() -> bool:
             live = [p for p, proc in self.nodes.items() if proc.poll() is None]
-            ok = all("cluster_state:ok" in _redis_cli(self, p, "CLUSTER", "INFO") for p in live)
-            if ok and (masters is None or len(self.masters()) == masters):
-                return
-            time.sleep(0.1)
-        raise RuntimeError("redis cluster did not become ok")
+            if not all("cluster_state:ok" in _redis_cli(self, p, "CLUSTER", "INFO") for p in live):
+                return False
+            return masters is None or len(self.masters()) == masters
+
+        _wait_until(ok, timeout, "redis cluster did not become ok")
 
     def stop(self) -> None:
         for port in self.nodes:
@@ -340,11 +335,8 @@ def start_redis_cluster(
         nodes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cluster = RedisClusterProcess(nodes, tls, host)
     try:
-        deadline = time.monotonic() + 10
-        while not all("PONG" in _redis_cli(cluster, p, "PING") for p in nodes):
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis cluster nodes did not start")
-            time.sleep(0.05)
+        _wait_until(lambda: all("PONG" in _redis_cli(cluster, p, "PING") for p in nodes), 10,
+                    "redis cluster nodes did not start", interval=0.05)  # fmt: skip
         create = [REDIS_CLI, *_tls_cli_args(tls), "--cluster", "create"]
         create += [f"{host}:{p}" for p in nodes]
         create += ["--cluster-replicas", str(replicas), "--cluster-yes"]
@@ -352,11 +344,9 @@ def start_redis_cluster(
         if done.returncode:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
         cluster.wait_ok()
-        deadline = time.monotonic() + 20  # replicas attach and sync a moment after that
-        while not cluster.replicas_synced(masters * replicas):
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis cluster replicas did not sync")
-            time.sleep(0.1)
+        # replicas attach and sync a moment after that
+        _wait_until(lambda: cluster.replicas_synced(masters * replicas), 20,
+                    "redis cluster replicas did not sync")  # fmt: skip
     except BaseException:
         cluster.stop()
         raise
@@ -388,26 +378,24 @@ class RedisSentinelProcess:
         return _redis_cli(None, port, *auth, *args)
 
     def kill(self, port: int) -> None:
-        proc = self.servers[port]
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        _kill(self.servers[port])
 
     def wait_promoted(self, old: int, timeout: float = 30.0) -> int:
         """Until the sentinels name a live master other than ``old``; its port."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        found: list[int] = []
+
+        def promoted() -> bool:
             port = self.master()
-            if port != old and "role:master" in self.cli(port, "INFO", "replication"):
-                return port
-            time.sleep(0.1)
-        raise RuntimeError("the sentinels did not promote a replica")
+            found[:] = [port]
+            return port != old and "role:master" in self.cli(port, "INFO", "replication")
+
+        _wait_until(promoted, timeout, "the sentinels did not promote a replica")
+        return found[0]
 
     def stop(self) -> None:
         for proc in (*self.servers.values(), *self.sentinels.values()):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+            _kill(proc)
 
 
 def start_redis_sentinel(workdir: Path, password: str | None = None) -> RedisSentinelProcess:
@@ -448,21 +436,36 @@ def start_redis_sentinel(workdir: Path, password: str | None = None) -> RedisSen
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        deadline = time.monotonic() + 30
-        while True:
-            replica = [p for p in sentinel.servers if p != master][0]
-            synced = "master_link_status:up" in sentinel.cli(replica, "INFO", "replication")
+        replica = next(p for p in sentinel.servers if p != master)
+
+        def ready() -> bool:
+            if "master_link_status:up" not in sentinel.cli(replica, "INFO", "replication"):
+                return False
             known = [_redis_cli(None, p, "SENTINEL", "master", sentinel.name)
                      for p in sentinel.sentinels]  # fmt: skip
-            if synced and all(_field(k, "num-slaves") == "1" and _field(k, "num-other-sentinels")
-                              == "2" for k in known):  # fmt: skip
-                return sentinel
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis sentinels did not learn the replica and each other")
-            time.sleep(0.1)
+            return all(_field(k, "num-slaves") == "1" and _field(k, "num-other-sentinels") == "2"
+                       for k in known)  # fmt: skip
+
+        _wait_until(ready, 30, "redis sentinels did not learn the replica and each other")
+        return sentinel
     except BaseException:
         sentinel.stop()
         raise
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _wait_until(ready, timeout: float, failure: str, interval: float = 0.1) -> None:
+    """Poll ``ready()`` until it is true; RuntimeError(``failure``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(interval)
 
 
 def _field(reply: str, name: str) -> str | None:

@@ -35,6 +35,11 @@ class CopyPlan(NamedTuple):
     slot_index: torch.Tensor | None  # set when the runs are too many: gather/scatter instead
     block_index: torch.Tensor | None
 
+    def pairs(self) -> tuple[list[int], list[int]]:
+        """(slots, engine blocks), one entry per block, in order."""
+        slots = [s + i for s, _, n in self.runs for i in range(n)]
+        return slots, [b + i for _, b, n in self.runs for i in range(n)]
+
 
 def _word(layer_bytes: int) -> torch.dtype:
     # 8-byte words: fewer elements per row, so rows stay below torch's parallel grain.
@@ -75,15 +80,15 @@ class BlockCopier:
 
     def load(self, arena: ArenaView, slots: list[int], block_ids: list[int]) -> None:
         """Arena slots -> engine blocks (``slots[i]`` fills ``block_ids[i]``), every layer."""
-        plan = self.plan(slots, block_ids)
-        for layer in range(len(self.layers)):
-            self.copy_layer(arena, layer, plan, into_cache=True)
+        self.copy(arena, self.plan(slots, block_ids), into_cache=True)
 
     def save(self, arena: ArenaView, slots: list[int], block_ids: list[int]) -> None:
         """Engine blocks -> arena slots (``block_ids[i]`` goes into ``slots[i]``), every layer."""
-        plan = self.plan(slots, block_ids)
+        self.copy(arena, self.plan(slots, block_ids), into_cache=False)
+
+    def copy(self, arena: ArenaView, plan: CopyPlan, into_cache: bool) -> None:
         for layer in range(len(self.layers)):
-            self.copy_layer(arena, layer, plan, into_cache=False)
+            self.copy_layer(arena, layer, plan, into_cache)
 
     @staticmethod
     def plan(slots: list[int], block_ids: list[int]) -> CopyPlan:

@@ -48,8 +48,7 @@ class CudaLayerLoad:
         device = copier.layers[0].device
         self._stream = _side_stream(device)
         self._events: list[torch.cuda.Event] = []
-        slots = [s + i for s, _, n in plan.runs for i in range(n)]
-        blocks = [b + i for _, b, n in plan.runs for i in range(n)]
+        slots, blocks = plan.pairs()
         if not slots:
             return
         grid = copier.host_slots(arena)  # [num_slots, layers, words], pinned
@@ -84,8 +83,7 @@ class CudaSave:
         # The forward wrote these blocks on the compute stream: copy only after it has.
         self._stream.wait_stream(torch.cuda.current_stream())
         grid = copier.host_slots(arena)
-        slots = [s + i for s, _, n in plan.runs for i in range(n)]
-        blocks = [b + i for _, b, n in plan.runs for i in range(n)]
+        slots, blocks = plan.pairs()
         device = copier.layers[0].device
         with torch.cuda.stream(self._stream):
             index = torch.tensor(blocks, dtype=torch.long).to(device, non_blocking=True)

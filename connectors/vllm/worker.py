@@ -296,8 +296,7 @@ class WorkerSide:
         if self._copier.layers[0].is_cuda:
             copying = CudaSave(self._copier, arena, plan)
         else:
-            for layer in range(len(self._copier.layers)):
-                self._copier.copy_layer(arena, layer, plan, into_cache=False)
+            self._copier.copy(arena, plan, into_cache=False)
         self.stats["copy_out_s"] += time.perf_counter() - copy
         self._commits.submit(self._commit, arena, res, copying)
 
