@@ -19,10 +19,12 @@ from cacheservice.calls import (
 from cacheservice.errors import ServiceUnavailable
 from cacheservice.results import (
     AcquireResult,
+    EngineSpec,
     GetBlocksResult,
     LookupResult,
     NamespaceInfo,
     ReserveResult,
+    RouteResult,
 )
 from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
@@ -140,3 +142,21 @@ class AsyncCacheClient:
 
     async def stats(self) -> dict:
         return await self._do(Requests.stats())
+
+    async def register_engine(self, spec: EngineSpec) -> bool:
+        return await self._do(Requests.register_engine(spec))
+
+    async def unregister_engine(self, engine: str) -> bool:
+        return await self._do(Requests.unregister_engine(engine))
+
+    async def engines(self) -> list[dict]:
+        return await self._do(Requests.engines())
+
+    async def route(
+        self,
+        ns: str,
+        keys: list[bytes],
+        num_tokens: int | None = None,
+        prefill_tokens_per_s: float | None = None,
+    ) -> RouteResult:
+        return await self._do(Requests.route(ns, keys, num_tokens, prefill_tokens_per_s))

@@ -15,10 +15,13 @@ from typing import Any, NamedTuple
 from cacheservice.protocol import CONTENT_TYPE, error_for, join_keys, pack, split_keys, unpack
 from cacheservice.results import (
     AcquireResult,
+    EngineRoute,
+    EngineSpec,
     GetBlocksResult,
     LookupResult,
     NamespaceInfo,
     ReserveResult,
+    RouteResult,
 )
 from cacheservice.tokens import client_token
 from index.chunks import ChunkEntry
@@ -134,6 +137,34 @@ class Requests:
     @staticmethod
     def stats() -> Call:
         return Call("GET", "/v1/stats", None, lambda d: d)
+
+    @staticmethod
+    def register_engine(spec: EngineSpec) -> Call:
+        return _post("/v1/engines/register", dataclasses.asdict(spec), lambda d: d["new"])
+
+    @staticmethod
+    def unregister_engine(engine: str) -> Call:
+        return _post("/v1/engines/unregister", {"engine": engine}, lambda d: d["removed"])
+
+    @staticmethod
+    def engines() -> Call:
+        return Call("GET", "/v1/engines", None, lambda d: d["engines"])
+
+    @staticmethod
+    def route(
+        ns: str,
+        keys: list[bytes],
+        num_tokens: int | None = None,
+        prefill_tokens_per_s: float | None = None,
+    ) -> Call:
+        body = {"ns": ns, "keys": join_keys(keys), "num_tokens": num_tokens}
+        body["prefill_tokens_per_s"] = prefill_tokens_per_s
+        return _post("/v1/route", body, _route)
+
+
+def _route(doc: dict) -> RouteResult:
+    engines = [_build(EngineRoute, e) for e in doc["engines"]]
+    return RouteResult(doc["best"], doc["num_tokens"], engines)
 
 
 def headers(token: str | None) -> dict[str, str]:

@@ -54,6 +54,12 @@ _HELP = {
     "may ask for)",
     "remote_lookup_ms": "budget for asking a shared tier (Redis) about unknown keys during a "
     "lookup; slower answers finish in the background",
+    "events_endpoint": "publish the tiers' block changes as vLLM KV events on this ZMQ PUB "
+    "address, e.g. tcp://*:5567 (needs pyzmq: the events extra)",
+    "events_replay_endpoint": "ZMQ ROUTER address answering replay requests for missed events",
+    "events_topic": "topic of the published KV events",
+    "max_engines": "most engines whose KV events the service follows (registered by connectors)",
+    "prefill_tokens_per_s": "routing: an engine's prefill rate, the cost of a token not cached",
     "log_level": "debug, info, warning or error",
 }
 

@@ -26,10 +26,12 @@ from cacheservice.calls import (
 from cacheservice.errors import ServiceUnavailable
 from cacheservice.results import (
     AcquireResult,
+    EngineSpec,
     GetBlocksResult,
     LookupResult,
     NamespaceInfo,
     ReserveResult,
+    RouteResult,
 )
 from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
@@ -215,3 +217,25 @@ class CacheClient:
 
     def stats(self) -> dict:
         return self._do(Requests.stats())
+
+    def register_engine(self, spec: EngineSpec) -> bool:
+        """Have the service follow an engine's KV events; True when it was not followed yet
+        with this spec (calling again is cheap: connectors do it periodically)."""
+        return self._do(Requests.register_engine(spec))
+
+    def unregister_engine(self, engine: str) -> bool:
+        return self._do(Requests.unregister_engine(engine))
+
+    def engines(self) -> list[dict]:
+        return self._do(Requests.engines())
+
+    def route(
+        self,
+        ns: str,
+        keys: list[bytes],
+        num_tokens: int | None = None,
+        prefill_tokens_per_s: float | None = None,
+    ) -> RouteResult:
+        """Per engine of ``ns``: tokens of this prompt in its own cache, loadable from each
+        tier, to compute, and the estimated cost; ``best`` is the cheapest connected one."""
+        return self._do(Requests.route(ns, keys, num_tokens, prefill_tokens_per_s))

@@ -74,6 +74,12 @@ class ServiceConfig:
     max_keys: int = 65536
     lease_ms: int = 30000
     remote_lookup_ms: int = 50  # budget for asking a shared tier about unknown keys in a lookup
+    # The service's tier changes as vLLM KV events (PUB + ROUTER replay); None = not published
+    events_endpoint: str | None = None
+    events_replay_endpoint: str | None = None
+    events_topic: str = ""
+    max_engines: int = 64  # engines whose KV events the service may follow
+    prefill_tokens_per_s: int = 20000  # routing cost of a computed token, unless a call says
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -90,6 +96,9 @@ class ServiceConfig:
             object.__setattr__(self, "token", None)
         if not self.unix_socket:
             object.__setattr__(self, "unix_socket", None)
+        for name in ("events_endpoint", "events_replay_endpoint"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, None)
         self._validate()
 
     def _validate(self) -> None:
@@ -143,6 +152,14 @@ class ServiceConfig:
             raise ConfigError(f"max_keys must be positive, got {self.max_keys}")
         if self.lease_ms <= 0:
             raise ConfigError(f"lease_ms must be positive, got {self.lease_ms}")
+        for name in ("events_endpoint", "events_replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"{name} must be tcp://host:port or ipc://path, got {value!r}")
+        if self.events_replay_endpoint is not None and self.events_endpoint is None:
+            raise ConfigError("events_replay_endpoint needs events_endpoint (the PUB socket)")
+        if self.max_engines <= 0 or self.prefill_tokens_per_s <= 0:
+            raise ConfigError("max_engines and prefill_tokens_per_s must be positive")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 
@@ -158,6 +175,7 @@ class ServiceConfig:
 _FIELDS = {f.name: f for f in fields(ServiceConfig)}
 _INT_FIELDS = {"port", "arena_bytes", "slot_bytes", "disk_bytes", "redis_bytes"}
 _INT_FIELDS |= {"max_body_bytes", "max_keys", "lease_ms", "remote_lookup_ms"}
+_INT_FIELDS |= {"max_engines", "prefill_tokens_per_s"}
 
 
 def parse_size(value: Any, name: str = "size") -> int:

@@ -134,6 +134,9 @@ class Fields:
     def string(self, name: str, default: Any = _MISSING) -> str:
         return self._typed(name, self._get(name, default), str, "a string")
 
+    def opt_string(self, name: str) -> str | None:
+        return None if self.doc.get(name) is None else self.string(name)
+
     def ns(self) -> str:
         ns = self.string("ns")
         if len(ns) != 16:

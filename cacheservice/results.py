@@ -44,3 +44,33 @@ class ReserveResult:
 
     lease: str
     slots: list[int | None]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to reach one engine's KV events, as its connector registers them."""
+
+    engine: str
+    ns: str
+    endpoint: str  # vLLM's kv_events_config.endpoint, its '*' replaced by the engine's address
+    replay_endpoint: str | None = None
+    topic: str = ""
+    url: str = ""  # where a router sends this engine's requests (echoed, never dialled)
+
+
+@dataclass(frozen=True)
+class EngineRoute:
+    engine: str
+    url: str
+    connected: bool
+    gpu_tokens: int  # already in the engine's own KV cache
+    tier_tokens: dict[str, int]  # then loadable from each of the service's tiers
+    compute_tokens: int
+    cost_s: float
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    best: str | None  # None: no connected engine serves this namespace
+    num_tokens: int
+    engines: list[EngineRoute]

@@ -16,15 +16,17 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cacheservice import tokens
+from cacheservice import tokens, validate
 from cacheservice.auth import auth_middleware
 from cacheservice.config import ServiceConfig
 from cacheservice.errors import CacheServiceError
+from cacheservice.fleet import Fleet
 from cacheservice.guard import guard_middleware
 from cacheservice.memory import tune_allocator
 from cacheservice.metrics import CONTENT_TYPE as METRICS_TYPE
 from cacheservice.metrics import Metrics
 from cacheservice.protocol import CONTENT_TYPE, Fields, error_body, join_keys, pack
+from cacheservice.results import EngineSpec
 from cacheservice.service import CacheService
 from tiers.base import Tier
 from tiers.disk import DiskTier
@@ -35,6 +37,7 @@ log = logging.getLogger("cacheservice.server")
 CONFIG_KEY = web.AppKey("config", ServiceConfig)
 SERVICE_KEY = web.AppKey("service", CacheService)
 METRICS_KEY = web.AppKey("metrics", Metrics)
+FLEET_KEY = web.AppKey("fleet", Fleet)
 
 routes = web.RouteTableDef()
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -149,6 +152,44 @@ def _chunk_doc(entry) -> dict:
     return doc
 
 
+@routes.post("/v1/engines/register")
+async def register_engine(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    spec = EngineSpec(
+        f.string("engine"),
+        f.ns(),
+        f.string("endpoint"),
+        f.opt_string("replay_endpoint"),
+        f.string("topic", ""),
+        f.string("url", ""),
+    )
+    return _reply({"new": await request.app[FLEET_KEY].register(spec)})
+
+
+@routes.post("/v1/engines/unregister")
+async def unregister_engine(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    return _reply({"removed": await request.app[FLEET_KEY].unregister(f.string("engine"))})
+
+
+@routes.get("/v1/engines")
+async def engines(request: web.Request) -> web.Response:
+    fleet = request.app[FLEET_KEY]
+    return _reply({"engines": fleet.describe(), "rates": fleet.rates.snapshot()})
+
+
+@routes.post("/v1/route")
+async def route(request: web.Request) -> web.Response:
+    f = await _fields(request)
+    ns, keys = f.ns(), validate.key_list(f.keys(), _svc(request).max_keys)
+    num_tokens = f.opt_int("num_tokens", lo=0, hi=1 << 40)
+    rate = f.opt_int("prefill_tokens_per_s", lo=1)
+    r = request.app[FLEET_KEY].route(ns, keys, num_tokens, rate)
+    return _reply(
+        {"best": r.best, "num_tokens": r.num_tokens, "engines": [vars(e) for e in r.engines]}
+    )
+
+
 @routes.get("/v1/stats")
 async def stats(request: web.Request) -> web.Response:
     return _reply(_svc(request).stats())
@@ -250,9 +291,30 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         await service.close()
         raise
     app[SERVICE_KEY] = service
+    service.stack.read_rates.probe_memcpy(service.host.name)
+    app[FLEET_KEY] = Fleet(
+        service.tree,
+        service.namespaces,
+        service.stack.read_rates,
+        max_engines=cfg.max_engines,
+        prefill_tokens_per_s=cfg.prefill_tokens_per_s,
+    )
+    publisher = None
     try:
+        if cfg.events_endpoint is not None:
+            from cacheservice.event_publisher import TierEventPublisher  # pyzmq: events extra
+
+            publisher = TierEventPublisher(
+                cfg.events_endpoint, cfg.events_replay_endpoint, cfg.events_topic
+            )
+            publisher.start()
+            service.tree.on_tier = publisher.on_tier
         yield
     finally:
+        service.tree.on_tier = None
+        await app[FLEET_KEY].close()
+        if publisher is not None:
+            await publisher.close()
         await service.close()
 
 

@@ -10,7 +10,7 @@ the contract (stubs, pins, LRU order).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from operator import attrgetter
 
 from index.base import DEFAULT_TIER_ORDER, MatchResult
@@ -47,6 +47,9 @@ class PrefixTree:
         self._stubs: set[bytes] = set()
         self._lru: dict[str, OrderedDict[bytes, int]] = {}  # key -> tick placed, oldest first
         self._tick = 0
+        # Told (key, parent key or None at the root, tier, held) each time a tier starts or
+        # stops holding a block: what the service publishes as KV events. Must not mutate us.
+        self.on_tier: Callable[[bytes, bytes | None, str, bool], None] | None = None
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -161,6 +164,9 @@ class PrefixTree:
         self._add_tier(node, tier)
 
     def _add_tier(self, node: Node, tier: str) -> None:
+        if self.on_tier is not None and tier not in node.tiers:
+            parent = node.parent
+            self.on_tier(node.key, None if parent is self._root else parent.key, tier, True)
         node.tiers.add(tier)
         self._refresh_fastest(node)
         self._tick += 1
@@ -177,6 +183,8 @@ class PrefixTree:
             return
         node.tiers.discard(tier)
         del self._lru[tier][key]
+        if self.on_tier is not None:
+            self.on_tier(key, None, tier, False)
         self._refresh_fastest(node)
         if node.tiers:
             return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from index.hashing import ROOT_KEY
 from index.radix import PrefixTree
 from tiers.base import FLAG_MANIFEST, Block, BlockMeta, Tier
 from tiers.host import HostTier
+from tiers.rates import ReadRates
 from tiers.slots import HostSlots
 from tiers.writedown import WriteDown
 
@@ -59,6 +61,7 @@ class TierStack:
         # Called with each key that stops being a stored block (chunks that use it go too).
         self.on_dropped: Callable[[bytes], None] | None = None
         self.remote_budget_s = 0.05
+        self.read_rates = ReadRates()  # learnt from the reads below host (routing costs)
         self._discovery: asyncio.Task | None = None
         self._writedown = WriteDown(self, queue_size) if self.lower else None
         self.slots = HostSlots(self)
@@ -231,10 +234,15 @@ class TierStack:
                     return promoted
                 if (node := self.tree.get(key)) is None or tier.name not in node.tiers:
                     continue
+            started = time.perf_counter()
             block = await tier.get(key)
             if block is None:
                 await self.failed_read(key, tier)
                 continue
+            if index:
+                self.read_rates.observe(
+                    tier.name, len(block.payload), time.perf_counter() - started
+                )
             if index and promote:
                 return await self._promote(block) or block
             return block
@@ -274,8 +282,11 @@ class TierStack:
         if slot is None:
             return None
         meta = None
+        started = time.perf_counter()
         try:
             meta = await tier.get_into(key, self.host.payload_view(slot))
+            if meta is not None:
+                self.read_rates.observe(tier.name, meta.length, time.perf_counter() - started)
         finally:
             if meta is None or self.tree.get(key) is None:  # failed, or dropped meanwhile
                 self.host.free(slot)

@@ -20,6 +20,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from cacheservice.client import CacheClient
+
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from connectors.vllm.events import EngineAnnouncer
 
 log = logging.getLogger("cacheservice.connectors.vllm")
 _HOOK_SECONDS = [0.0]  # time this process spent inside connector hooks, both sides
@@ -50,6 +54,20 @@ def _timed(hook: Callable) -> Callable:
             _HOOK_SECONDS[0] += time.perf_counter() - start
 
     return timed
+
+
+def announcer(vllm_config: VllmConfig, settings: Any, shape: Any) -> EngineAnnouncer | None:
+    """Register this engine's KV events with the service when vLLM publishes them."""
+    from connectors.vllm.events import EngineAnnouncer, engine_spec
+
+    if not hasattr(settings, "events_host"):
+        return None
+    ns = shape.namespaces[0]
+    spec = engine_spec(vllm_config, settings, ns.id)
+    if spec is None:
+        return None
+    client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
+    return EngineAnnouncer(client, spec, ns, shape.block_bytes, settings.register_every_s)
 
 
 class SchedulerPart(Protocol):
@@ -100,6 +118,7 @@ class SidedConnector(KVConnectorBase_V1):
                 log.info("%s sets kv_load_failure_policy='recompute'", type(self).__name__)
                 self._kv_transfer_config.kv_load_failure_policy = "recompute"
             self._scheduler = self._scheduler_side(settings, shape)
+            self._announcer = announcer(vllm_config, settings, shape)
         else:
             self._worker = self._worker_side(settings, shape, vllm_config, kv_cache_config)
 
@@ -152,6 +171,8 @@ class SidedConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors()
 
     def shutdown(self) -> None:
+        if getattr(self, "_announcer", None) is not None:
+            self._announcer.close()
         (self._worker or self._scheduler).close()
 
     # -- scheduler side -------------------------------------------------------------------

@@ -45,6 +45,11 @@ class Settings(ExtraSettings):
     lookup_wait_s: float = 0.02  # how long one scheduler step waits for a lookup
     lookup_timeout_s: float = 0.5  # a lookup not answered by then is a miss
     retry_s: float = 2.0  # after a failed call, the service is skipped this long
+    # KV events (events.py): how the service reaches this engine's kv_events_config endpoints
+    engine_id: str | None = None  # default: kv_transfer_config.engine_id
+    engine_url: str = ""  # where a router sends this engine's requests (echoed by /v1/route)
+    events_host: str = "127.0.0.1"  # replaces '*' in the endpoints vLLM binds
+    register_every_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Tests start it as a subprocess (vLLM state does not reset in-process)::
 
 Spec keys: model, prompts (token id lists, generated one after another), max_tokens,
 url (absent: no connector), extra (kv_connector_extra_config), prefix_caching,
-block_size, kv_cache_bytes, max_model_len; before / after: {"i": path} to wait for a file
+block_size, kv_cache_bytes, max_model_len, kv_events (kv_events_config fields: endpoint,
+replay_endpoint, topic); before / after: {"i": path} to wait for a file
 before prompt i / create it after prompt i (to interleave two engines); batch: true to send
 all prompts in one generate call, with ``started`` a file created right before it.
 Output line: ``RESULT {"outputs": [{"tokens", "cached", "total_s", "connector_s"}], "worker":
@@ -41,6 +42,12 @@ def make_llm(
             kv_role="kv_both",
             kv_connector_extra_config=extra,
         )
+    if spec.get("kv_events"):  # vLLM publishes its cache's KV events over ZMQ
+        from vllm.config import KVEventsConfig
+
+        events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", **spec["kv_events"])
+        engine_args.setdefault("kv_events_config", events)
+        engine_args.setdefault("prefix_caching_hash_algo", "sha256_cbor")
     return LLM(
         spec["model"],
         dtype=spec.get("dtype", "float32"),
@@ -122,6 +129,7 @@ def run(spec: dict) -> dict:
                 "connector_s": hook_seconds() - hooks,
             }
         )
+        print(f"OUTPUT{i} " + " ".join(map(str, outputs[-1]["tokens"])), flush=True)
         if str(i) in spec.get("after", {}):
             worker = connector_worker()
             if worker is not None and hasattr(worker, "flush"):
