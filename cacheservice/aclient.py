@@ -28,6 +28,7 @@ from cacheservice.results import (
 )
 from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
+from index.planner import BatchPlan, Plan, Segment
 
 
 class AsyncCacheClient:
@@ -160,3 +161,15 @@ class AsyncCacheClient:
         prefill_tokens_per_s: float | None = None,
     ) -> RouteResult:
         return await self._do(Requests.route(ns, keys, num_tokens, prefill_tokens_per_s))
+
+    async def plan(self, ns: str, segments: list[Segment]) -> Plan:
+        """The order to send ``segments`` in and what each will hit (index/planner.py)."""
+        return await self._do(Requests.plan(ns, segments))
+
+    async def plan_batch(self, ns: str, requests: list[list[Segment]]) -> BatchPlan:
+        """Plan pending requests together: send order, groups and each one's plan."""
+        return await self._do(Requests.plan_batch(ns, requests))
+
+    async def namespaces(self) -> list[dict]:
+        """Registered namespaces: their fields, ``id`` and ``block_bytes``."""
+        return await self._do(Requests.namespaces())

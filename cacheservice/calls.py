@@ -26,6 +26,7 @@ from cacheservice.results import (
 from cacheservice.tokens import client_token
 from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
+from index.planner import KINDS, BatchPlan, Plan, Segment, SegmentPlan
 
 DEFAULT_URL = "http://127.0.0.1:8642"
 
@@ -139,6 +140,10 @@ class Requests:
         return Call("GET", "/v1/stats", None, lambda d: d)
 
     @staticmethod
+    def namespaces() -> Call:
+        return Call("GET", "/v1/namespaces", None, lambda d: d["namespaces"])
+
+    @staticmethod
     def register_engine(spec: EngineSpec) -> Call:
         return _post("/v1/engines/register", dataclasses.asdict(spec), lambda d: d["new"])
 
@@ -151,6 +156,15 @@ class Requests:
         return Call("GET", "/v1/engines", None, lambda d: d["engines"])
 
     @staticmethod
+    def plan(ns: str, segments: list[Segment]) -> Call:
+        return _post("/v1/plan", {"ns": ns, **_segments([list(segments)])}, _plan)
+
+    @staticmethod
+    def plan_batch(ns: str, requests: list[list[Segment]]) -> Call:
+        body = {"ns": ns, **_segments(requests), "requests": [len(r) for r in requests]}
+        return _post("/v1/plan/batch", body, _batch_plan)
+
+    @staticmethod
     def route(
         ns: str,
         keys: list[bytes],
@@ -160,6 +174,29 @@ class Requests:
         body = {"ns": ns, "keys": join_keys(keys), "num_tokens": num_tokens}
         body["prefill_tokens_per_s"] = prefill_tokens_per_s
         return _post("/v1/route", body, _route)
+
+
+def _segments(requests: list[list[Segment]]) -> dict:
+    """Segments as /v1/plan's parallel arrays (planning.py on the service side)."""
+    segs = [s for r in requests for s in r]
+    letter = {v: k for k, v in KINDS.items()}
+    ranks = [s.rank for s in segs]
+    return {
+        "tokens": b"".join(s.tokens.astype("<u4", copy=False).tobytes() for s in segs),
+        "lengths": [len(s.tokens) for s in segs],
+        "kinds": "".join(letter[s.kind] for s in segs),
+        "ranks": ranks if any(r is not None for r in ranks) else None,
+    }
+
+
+def _plan(doc: dict) -> Plan:
+    segments = [SegmentPlan(*s) for s in doc["segments"]]
+    return Plan(doc["order"], segments, doc["dropped"], doc["prefix_tokens"],
+                doc["chunk_tokens"], doc["num_tokens"])  # fmt: skip
+
+
+def _batch_plan(doc: dict) -> BatchPlan:
+    return BatchPlan(doc["order"], doc["groups"], [_plan(p) for p in doc["plans"]])
 
 
 def _route(doc: dict) -> RouteResult:

@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name) if f.name != "arena_path" else None
         shown = "" if default in (None, "") or f.name == "token" else f" [default: {default}]"
         serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=_HELP[f.name] + shown)
+    proxy = sub.add_parser("proxy", help="OpenAI-compatible front that plans prompts")
+    proxy.add_argument("--upstream", required=True, help="the engine's OpenAI server URL")
+    proxy.add_argument("--host", default="127.0.0.1")
+    proxy.add_argument("--port", type=int, default=8000)
+    proxy.add_argument("--service-url", default=None, help="cacheservice URL (planning)")
+    proxy.add_argument("--token", default=os.environ.get("CACHESERVICE_TOKEN"))
+    proxy.add_argument("--tokenizer", default=None, help="name or path [default: the model]")
     stats = sub.add_parser("stats", help="print a running service's /v1/stats as JSON")
     stats.add_argument("--url", default=None, help="http://host:port or unix:///path.sock")
     stats.add_argument("--token", default=os.environ.get("CACHESERVICE_TOKEN"))
@@ -173,10 +180,27 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from cacheservice.proxy import ProxyConfig, create_proxy_app
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    url = (
+        args.service_url or os.environ.get("CACHESERVICE_URL") or f"http://127.0.0.1:{DEFAULT_PORT}"
+    )
+    config = ProxyConfig(args.upstream, url, args.token, args.tokenizer)
+    web.run_app(create_proxy_app(config), host=args.host, port=args.port, access_log=None,
+                print=lambda *_: log.info("proxy on http://%s:%d -> %s", args.host, args.port,
+                                          args.upstream))  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"serve": _serve, "proxy": _proxy, "stats": _stats}
     try:
-        return _serve(args) if args.command == "serve" else _stats(args)
+        return commands[args.command](args)
     except (ConfigError, TokenFileError) as e:
         print(f"cacheservice: configuration error: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from cacheservice.results import (
 )
 from index.chunks import ChunkEntry
 from index.hashing import ROOT_KEY, Namespace
+from index.planner import BatchPlan, Plan, Segment
 
 if TYPE_CHECKING:
     from cacheservice.aclient import AsyncCacheClient
@@ -239,3 +240,15 @@ class CacheClient:
         """Per engine of ``ns``: tokens of this prompt in its own cache, loadable from each
         tier, to compute, and the estimated cost; ``best`` is the cheapest connected one."""
         return self._do(Requests.route(ns, keys, num_tokens, prefill_tokens_per_s))
+
+    def plan(self, ns: str, segments: list[Segment]) -> Plan:
+        """The order to send ``segments`` in and what each will hit (index/planner.py)."""
+        return self._do(Requests.plan(ns, segments))
+
+    def plan_batch(self, ns: str, requests: list[list[Segment]]) -> BatchPlan:
+        """Plan pending requests together: send order, groups and each one's plan."""
+        return self._do(Requests.plan_batch(ns, requests))
+
+    def namespaces(self) -> list[dict]:
+        """Registered namespaces: their fields, ``id`` and ``block_bytes``."""
+        return self._do(Requests.namespaces())

@@ -59,6 +59,9 @@ class NamespaceRegistry:
             )
         return got
 
+    def known(self) -> list[tuple[Namespace, int]]:
+        return list(self._known.values())
+
     def register(self, ns: Namespace, block_bytes: int, *, persist: bool = True) -> NamespaceInfo:
         if not isinstance(block_bytes, int) or block_bytes <= 0:
             raise BadRequest(f"block_bytes must be a positive integer, got {block_bytes!r}")

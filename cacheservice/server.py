@@ -16,47 +16,47 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cacheservice import tokens, validate
+from cacheservice import tokens
 from cacheservice.auth import auth_middleware
 from cacheservice.config import ServiceConfig
 from cacheservice.errors import CacheServiceError
 from cacheservice.fleet import Fleet
+from cacheservice.fleet_routes import routes as fleet_routes
 from cacheservice.guard import guard_middleware
 from cacheservice.memory import tune_allocator
 from cacheservice.metrics import CONTENT_TYPE as METRICS_TYPE
 from cacheservice.metrics import Metrics
-from cacheservice.protocol import CONTENT_TYPE, Fields, error_body, join_keys, pack
-from cacheservice.results import EngineSpec
+from cacheservice.planning import Planning
+from cacheservice.protocol import CONTENT_TYPE, error_body, join_keys
 from cacheservice.service import CacheService
+from cacheservice.webstate import (
+    CONFIG_KEY,
+    FLEET_KEY,
+    METRICS_KEY,
+    PLANNING_KEY,
+    SERVICE_KEY,
+)
+from cacheservice.webstate import (
+    fields as _fields,
+)
+from cacheservice.webstate import (
+    reply as _reply,
+)
+from cacheservice.webstate import (
+    service as _svc,
+)
 from tiers.base import Tier
 from tiers.disk import DiskTier
 from tiers.host import HostTier
 
 log = logging.getLogger("cacheservice.server")
 
-CONFIG_KEY = web.AppKey("config", ServiceConfig)
-SERVICE_KEY = web.AppKey("service", CacheService)
-METRICS_KEY = web.AppKey("metrics", Metrics)
-FLEET_KEY = web.AppKey("fleet", Fleet)
-
 routes = web.RouteTableDef()
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-def _reply(doc: dict) -> web.Response:
-    return web.Response(body=pack(doc), content_type=CONTENT_TYPE)
-
-
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, body=error_body(code, message), content_type=CONTENT_TYPE)
-
-
-async def _fields(request: web.Request) -> Fields:
-    return Fields(await request.read(), request.app[SERVICE_KEY].max_keys)
-
-
-def _svc(request: web.Request) -> CacheService:
-    return request.app[SERVICE_KEY]
 
 
 @routes.post("/v1/namespace")
@@ -150,44 +150,6 @@ def _chunk_doc(entry) -> dict:
     doc["keys"] = join_keys(entry.keys)
     doc["resident"] = bool(getattr(entry, "resident", True))
     return doc
-
-
-@routes.post("/v1/engines/register")
-async def register_engine(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    spec = EngineSpec(
-        f.string("engine"),
-        f.ns(),
-        f.string("endpoint"),
-        f.opt_string("replay_endpoint"),
-        f.string("topic", ""),
-        f.string("url", ""),
-    )
-    return _reply({"new": await request.app[FLEET_KEY].register(spec)})
-
-
-@routes.post("/v1/engines/unregister")
-async def unregister_engine(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    return _reply({"removed": await request.app[FLEET_KEY].unregister(f.string("engine"))})
-
-
-@routes.get("/v1/engines")
-async def engines(request: web.Request) -> web.Response:
-    fleet = request.app[FLEET_KEY]
-    return _reply({"engines": fleet.describe(), "rates": fleet.rates.snapshot()})
-
-
-@routes.post("/v1/route")
-async def route(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    ns, keys = f.ns(), validate.key_list(f.keys(), _svc(request).max_keys)
-    num_tokens = f.opt_int("num_tokens", lo=0, hi=1 << 40)
-    rate = f.opt_int("prefill_tokens_per_s", lo=1)
-    r = request.app[FLEET_KEY].route(ns, keys, num_tokens, rate)
-    return _reply(
-        {"best": r.best, "num_tokens": r.num_tokens, "engines": [vars(e) for e in r.engines]}
-    )
 
 
 @routes.get("/v1/stats")
@@ -299,6 +261,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         max_engines=cfg.max_engines,
         prefill_tokens_per_s=cfg.prefill_tokens_per_s,
     )
+    app[PLANNING_KEY] = Planning(service.tree, service.chunks, service.namespaces)
     publisher = None
     try:
         if cfg.events_endpoint is not None:
@@ -343,4 +306,5 @@ def create_app(config: ServiceConfig) -> web.Application:
     app[METRICS_KEY] = Metrics(lambda: app[SERVICE_KEY].stats() if SERVICE_KEY in app else None)
     app.cleanup_ctx.append(_service_ctx)
     app.add_routes(routes)
+    app.add_routes(fleet_routes)
     return app

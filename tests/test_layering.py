@@ -16,6 +16,7 @@ CLIENT_SIDE = {
     "cacheservice", "cacheservice.client", "cacheservice.aclient", "cacheservice.calls",
     "cacheservice.protocol", "cacheservice.errors", "cacheservice.results",
     "cacheservice.arena", "cacheservice.tokens", "index.hashing", "index.chunks", "tiers.base",
+    "index.planner",
 }  # fmt: skip
 ALLOWED = {
     "index": lambda m: m.startswith("index"),
