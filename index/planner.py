@@ -25,6 +25,7 @@ all returned values.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
@@ -228,11 +229,13 @@ def plan_batch(
 ) -> BatchPlan:
     """Plan N pending requests together so that they share prefixes with each other.
 
-    Send order: nearest neighbour by shared movable segments, starting from the request whose
-    segments are shared most (up to ``_NEIGHBOUR_LIMIT`` requests; more are ordered by their
-    most shared segment). Segment order: a request continues the longest planned sequence of
-    an earlier request made only of its own segments, then its other segments, most shared
-    first in one global order. Each request's plan still follows what is stored first."""
+    Requests are clustered bottom up: the two clusters whose common movable segments are
+    most (ties: the earlier pair) merge, and their common segments become a level above
+    what each member had; a request's segment order is its levels from the top down (within a
+    level, most shared overall first), so each cluster's members share its common segments
+    as a prefix. The send order walks the clusters, largest first, members of a merge one
+    after another; the groups are the top clusters. Each request's own plan still follows
+    what is stored first, then this order."""
     share: dict[bytes, int] = {}
     first_seen: dict[bytes, int] = {}
     contents, sets = [], []
@@ -243,55 +246,55 @@ def plan_batch(
         movable = [k for k, s in zip(keys, segs, strict=True) if s.kind != FIXED]
         for k in movable:
             first_seen.setdefault(k, len(first_seen))
-        sets.append(set(movable))
+        sets.append(frozenset(movable))
         for k in sets[-1]:
             share[k] = share.get(k, 0) + 1
-
-    def weight(r: int) -> int:
-        return sum(share[k] for k in sets[r])
-
-    order = _send_order(sets, weight)
-    sequences: list[list[bytes]] = []  # planned movable contents, in send order
+    groups, levels = _cluster(sets)
+    order = [r for g in groups for r in g]
     plans: list[Plan | None] = [None] * len(requests)
-    for r in order:
-        mine = sets[r]
-        head: list[bytes] = []
-        for seq in sequences:
-            n = next((j for j, k in enumerate(seq) if k not in mine), len(seq))
-            if n > len(head):
-                head = seq[:n]
-        rest = sorted(mine - set(head), key=lambda k: (-share[k], first_seen[k]))
-        position = {k: j for j, k in enumerate(head + rest)}
+    for r in range(len(requests)):
+        sequence: list[bytes] = []
+        for level in [*reversed(levels[r]), sets[r]]:
+            placed = set(sequence)
+            sequence += sorted(level - placed, key=lambda k: (-share[k], first_seen[k]))
+        position = {k: j for j, k in enumerate(sequence)}
 
         def priority(i: int, keys=contents[r], position=position) -> tuple:
             return (position.get(keys[i], len(position)), i)
 
-        p = plan(requests[r], stored, chunk_hit, seed, block_tokens, priority)
-        plans[r] = p
-        sequences.append([contents[r][i] for i in p.order if requests[r][i].kind != FIXED])
-    groups: list[list[int]] = []
-    for r, seq in zip(order, sequences, strict=True):
-        lead = seq[0] if seq else None
-        if groups and lead is not None and groups[-1][0] == lead:
-            groups[-1][1].append(r)
-        else:
-            groups.append((lead, [r]))
-    return BatchPlan(order, [g for _, g in groups], plans)
+        plans[r] = plan(requests[r], stored, chunk_hit, seed, block_tokens, priority)
+    return BatchPlan(order, groups, plans)
 
 
-_NEIGHBOUR_LIMIT = 1024  # O(n^2) set intersections below this many requests
+_MAX_CLUSTERED = 1024  # pairwise intersections are O(n^2); more requests keep their order
 
 
-def _send_order(sets: list[set[bytes]], weight: Callable[[int], int]) -> list[int]:
+def _cluster(sets: list[frozenset]) -> tuple[list[list[int]], list[list[frozenset]]]:
+    """Agglomerative clustering by common segments: (top clusters' members, largest first;
+    per request its common-segment levels, lowest first)."""
     n = len(sets)
-    if n > _NEIGHBOUR_LIMIT:
-        return sorted(range(n), key=lambda r: (-weight(r), r))
-    left = set(range(n))
-    order: list[int] = []
-    cur = max(left, key=lambda r: (weight(r), -r), default=None)
-    while cur is not None:
-        order.append(cur)
-        left.discard(cur)
-        mine = sets[cur]
-        cur = max(left, key=lambda r: (len(sets[r] & mine), weight(r), -r), default=None)
-    return order
+    levels: list[list[frozenset]] = [[] for _ in range(n)]
+    if n > _MAX_CLUSTERED:
+        return [[r] for r in range(n)], levels
+    common = dict(enumerate(sets))
+    members = {i: [i] for i in range(n)}
+    heap = [(-len(sets[a] & sets[b]), a, b) for a in range(n) for b in range(a + 1, n)]
+    heap = [h for h in heap if h[0] < 0]
+    heapq.heapify(heap)
+    next_id = n
+    while heap:
+        _, a, b = heapq.heappop(heap)
+        if a not in common or b not in common:
+            continue  # merged already
+        shared = common.pop(a) & common.pop(b)
+        merged = members.pop(a) + members.pop(b)
+        for r in merged:
+            levels[r].append(shared)
+        for other, theirs in common.items():
+            size = len(shared & theirs)
+            if size:
+                heapq.heappush(heap, (-size, other, next_id))
+        common[next_id], members[next_id] = shared, merged
+        next_id += 1
+    tops = sorted(members.values(), key=lambda m: (-len(m), m[0]))
+    return tops, levels

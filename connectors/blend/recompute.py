@@ -214,7 +214,10 @@ def blend_prefill(
         rows = active.nonzero().squeeze(1)
         q, k, v = layer.qkv(h, pos[rows])
         evaluated += int((active & is_chunk).sum())
-        K, V = cached_k[i].clone(), cached_v[i].clone()
+        # in the model's compute dtype: the stored KV may be the engine's (bf16)
+        K, V = cached_k[i].to(k.dtype), cached_v[i].to(v.dtype)
+        K = K.clone() if K is cached_k[i] else K
+        V = V.clone() if V is cached_v[i] else V
         K[rows], V[rows] = k, v
         if i == sel_layer:
             assert bool(active.all()), "selection needs every token's fresh K/V at its layer"

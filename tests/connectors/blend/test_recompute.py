@@ -8,6 +8,7 @@ import torch
 from cacheservice.errors import BadRequest
 from connectors.blend.base import forward
 from connectors.blend.recompute import (
+    ChunkKV,
     FirstK,
     NoRecompute,
     Segment,
@@ -116,3 +117,19 @@ def test_bad_prompts_are_rejected(tiny):
         blend_prefill(model, segs, TopRatio(0.2, select_layer=4))
     with pytest.raises(BadRequest, match="ratio"):
         TopRatio(1.5)
+
+
+def test_chunk_kv_stored_in_the_engines_bf16_blends_like_float32(tiny, musique):
+    # A bf16 engine stores its chunks' KV in bf16; the recompute runs in the model's float32.
+    model, _ = tiny
+    segs = make_rag_prompt(tiny, musique[3], [1, 0])
+    half = [
+        Segment(s.tokens, None if s.cached is None else ChunkKV(
+            s.cached.tokens, s.cached.start_pos, [k.bfloat16() for k in s.cached.keys],
+            [v.bfloat16() for v in s.cached.values]))
+        for s in segs
+    ]  # fmt: skip
+    exact = blend_prefill(model, segs, TopRatio(0.15, select_layer=1))
+    res = blend_prefill(model, half, TopRatio(0.15, select_layer=1))
+    assert res.kv.keys[0].dtype == torch.float32
+    assert kl(exact.logits[-1:], res.logits[-1:]) < 1e-2

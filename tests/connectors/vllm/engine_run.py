@@ -71,6 +71,12 @@ def connector_worker():
     return getattr(get_kv_transfer_group(), "_worker", None)
 
 
+def loaded_blocks() -> int:
+    """Blocks this engine's connector loaded so far (loads are synchronous: no flush)."""
+    worker = connector_worker()
+    return worker.stats.get("loaded_blocks", 0) if worker is not None else 0
+
+
 def worker_stats() -> dict:
     worker = connector_worker()
     if worker is None:
@@ -117,7 +123,7 @@ def run(spec: dict) -> dict:
         return {"outputs": outputs, "worker": worker_stats()}
     for i, prompt in enumerate(spec["prompts"]):
         wait_for(spec.get("before", {}).get(str(i)))
-        hooks = hook_seconds()
+        hooks, loaded = hook_seconds(), loaded_blocks()
         start = time.perf_counter()
         out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
         total = time.perf_counter() - start
@@ -127,9 +133,11 @@ def run(spec: dict) -> dict:
                 "cached": out.num_cached_tokens or 0,
                 "total_s": total,
                 "connector_s": hook_seconds() - hooks,
+                "loaded_blocks": loaded_blocks() - loaded,
             }
         )
-        print(f"OUTPUT{i} " + " ".join(map(str, outputs[-1]["tokens"])), flush=True)
+        # a line per prompt as it finishes: a test may kill the engine before its RESULT
+        print(f"OUTPUT{i} " + json.dumps(outputs[-1]), flush=True)
         if str(i) in spec.get("after", {}):
             worker = connector_worker()
             if worker is not None and hasattr(worker, "flush"):

@@ -6,6 +6,7 @@ bound; restarted on the same ports, it is followed again from an empty cache."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -117,7 +118,12 @@ def test_route_follows_two_engines_caches_through_their_kv_events(
                 proc.kill()
                 proc.wait()
     ref = [o["tokens"] for o in res2["outputs"]]
-    assert ref[1] == first_output(log1), "A loaded from the service answers like e1's own A"
+    assert ref[1] == output(log1, 0)["tokens"], "A loaded from the service answers like e1's A"
+    again = output(log1, 1)
+    assert again["cached"] == 4 * BT, "sent to the engine the route named: vLLM's own hit"
+    assert again["loaded_blocks"] == 0, "nothing came from the service"
+    assert res2["outputs"][1]["loaded_blocks"] == 4, "the other engine loaded A from it"
+    assert again["tokens"] == ref[1]
 
 
 def wait_registered(client, names: set[str], timeout: float = 30.0) -> dict[str, dict]:
@@ -130,9 +136,9 @@ def wait_registered(client, names: set[str], timeout: float = 30.0) -> dict[str,
         time.sleep(0.1)
 
 
-def first_output(log: Path) -> list[int]:
-    """e1 was killed before printing its result: its first answer is in the log."""
+def output(log: Path, i: int) -> dict:
+    """e1 was killed before printing its result: each answer is in the log as it came."""
     for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("OUTPUT0 "):
-            return [int(t) for t in line.split()[1:]]
-    raise AssertionError("e1 printed no OUTPUT0 line")
+        if line.startswith(f"OUTPUT{i} "):
+            return json.loads(line.split(" ", 1)[1])
+    raise AssertionError(f"the engine printed no OUTPUT{i} line")
