@@ -76,7 +76,6 @@ class EngineFeed:
         self.stats = FeedStats()
         self.connected = False
         self.last_seq: int | None = None
-        self.registered_at = time.monotonic()
         self._ctx = zmq.asyncio.Context.instance()
         self._task: asyncio.Task | None = None
 
@@ -176,13 +175,13 @@ class EngineFeed:
 
     # -- replay -----------------------------------------------------------------------------
 
-    async def _replay(self, start: int) -> bool:
-        """Apply the publisher's buffered batches from ``start``; False (the engine cleared)
-        when they cannot prove the stream complete."""
+    async def _replay(self, start: int) -> None:
+        """Apply the publisher's buffered batches from ``start``; the engine's blocks are
+        cleared when they cannot prove the stream complete."""
         if self.spec.replay_endpoint is None:
             if start > 0:
                 self._resync("no replay endpoint to fill a gap")
-            return False
+            return
         self.stats.replays += 1
         dealer = self._ctx.socket(zmq.DEALER)  # fresh: a late answer to an old ask is never read
         dealer.setsockopt(zmq.LINGER, 0)
@@ -196,15 +195,15 @@ class EngineFeed:
                 left = deadline - time.monotonic()
                 if left <= 0 or not await dealer.poll(int(left * 1000) + 1):
                     self._resync("replay timed out")
-                    return False
+                    return
                 frames = await dealer.recv_multipart()
                 if len(frames) != 4 or frames[2] == END_SEQ:
-                    return True
+                    return
                 try:
                     seq = parse_seq(frames[2])
                 except EventFormatError as e:
                     self._resync(f"replay: {e}")
-                    return False
+                    return
                 if first and start > 0 and seq > start and self.last_seq is not None:
                     self._resync(f"replay starts at {seq}, not {start}: batches were dropped")
                 first = False
@@ -235,9 +234,6 @@ class EngineFeed:
         except EventFormatError as e:
             self._bad(str(e))
             return
-        self.apply(batch)
-
-    def apply(self, batch: Batch) -> None:
         apply_batch(self.blocks, batch, self.stats)
 
 

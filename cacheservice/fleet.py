@@ -58,7 +58,6 @@ class Fleet:
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.max_blocks_per_engine = max_blocks_per_engine
         self.feeds: dict = {}  # engine id -> EngineFeed
-        self.feed_options: dict = {}  # EngineFeed keyword arguments (tests shorten timers)
 
     def __len__(self) -> int:
         return len(self.feeds)
@@ -85,7 +84,7 @@ class Fleet:
         if old is not None:
             await old.close()  # the engine moved (restarted elsewhere): start over
         blocks = EngineBlocks(namespace.seed, namespace.block_tokens, self.max_blocks_per_engine)
-        feed = EngineFeed(spec, blocks, **self.feed_options)
+        feed = EngineFeed(spec, blocks)
         self.feeds[spec.engine] = feed
         feed.start()
         return True
@@ -156,8 +155,3 @@ class Fleet:
         live = [r for r in routes if r.connected]
         best = min(live, key=lambda r: (r.cost_s, -r.gpu_tokens, r.engine), default=None)
         return RouteResult(best.engine if best else None, total, routes)
-
-    def check_integrity(self) -> None:
-        for engine, feed in self.feeds.items():
-            assert feed.spec.engine == engine, f"feed of {feed.spec.engine} filed under {engine}"
-            feed.blocks.check_integrity()

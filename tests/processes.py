@@ -240,7 +240,7 @@ class RedisClusterProcess:
                 return False
             return masters is None or len(self.masters()) == masters
 
-        _wait_until(ok, timeout, "redis cluster did not become ok")
+        wait_until(ok, timeout, "redis cluster did not become ok")
 
     def stop(self) -> None:
         for port in self.nodes:
@@ -335,7 +335,7 @@ def start_redis_cluster(
         nodes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cluster = RedisClusterProcess(nodes, tls, host)
     try:
-        _wait_until(lambda: all("PONG" in _redis_cli(cluster, p, "PING") for p in nodes), 10,
+        wait_until(lambda: all("PONG" in _redis_cli(cluster, p, "PING") for p in nodes), 10,
                     "redis cluster nodes did not start", interval=0.05)  # fmt: skip
         create = [REDIS_CLI, *_tls_cli_args(tls), "--cluster", "create"]
         create += [f"{host}:{p}" for p in nodes]
@@ -345,7 +345,7 @@ def start_redis_cluster(
             raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
         cluster.wait_ok()
         # replicas attach and sync a moment after that
-        _wait_until(lambda: cluster.replicas_synced(masters * replicas), 20,
+        wait_until(lambda: cluster.replicas_synced(masters * replicas), 20,
                     "redis cluster replicas did not sync")  # fmt: skip
     except BaseException:
         cluster.stop()
@@ -390,7 +390,7 @@ class RedisSentinelProcess:
             found[:] = [port]
             return port != old and "role:master" in self.cli(port, "INFO", "replication")
 
-        _wait_until(promoted, timeout, "the sentinels did not promote a replica")
+        wait_until(promoted, timeout, "the sentinels did not promote a replica")
         return found[0]
 
     def stop(self) -> None:
@@ -446,7 +446,7 @@ def start_redis_sentinel(workdir: Path, password: str | None = None) -> RedisSen
             return all(_field(k, "num-slaves") == "1" and _field(k, "num-other-sentinels") == "2"
                        for k in known)  # fmt: skip
 
-        _wait_until(ready, 30, "redis sentinels did not learn the replica and each other")
+        wait_until(ready, 30, "redis sentinels did not learn the replica and each other")
         return sentinel
     except BaseException:
         sentinel.stop()
@@ -459,13 +459,15 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def _wait_until(ready, timeout: float, failure: str, interval: float = 0.1) -> None:
-    """Poll ``ready()`` until it is true; RuntimeError(``failure``) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+def wait_until(ready, timeout: float, failure: str, interval: float = 0.1) -> float:
+    """Poll ``ready()`` until it is true; returns the seconds it took. RuntimeError(``failure``)
+    after ``timeout`` seconds."""
+    start = time.monotonic()
     while not ready():
-        if time.monotonic() > deadline:
+        if time.monotonic() - start > timeout:
             raise RuntimeError(failure)
         time.sleep(interval)
+    return time.monotonic() - start
 
 
 def _field(reply: str, name: str) -> str | None:

@@ -18,7 +18,7 @@ from cacheservice.kv_events import END_SEQ, Cleared, Removed, Stored, decode_bat
 from cacheservice.results import EngineSpec
 from index.hashing import prefix_keys
 from tests.factories import BLOCK_BYTES, BLOCK_TOKENS, make_namespace
-from tests.processes import ServiceProcess, free_port, start_service
+from tests.processes import ServiceProcess, free_port, start_service, wait_until
 from tests.vllm_events import VllmEvents, start_vllm_events
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(180)]
@@ -54,11 +54,7 @@ def gpu_tokens(client, ns: str, keys: list[bytes]) -> dict[str, int]:
 
 
 def wait_for(check, what: str, bound: float = BOUND_S) -> float:
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < bound, f"not within {bound} s: {what}"
-        time.sleep(0.02)
-    return time.monotonic() - start
+    return wait_until(check, bound, f"not within {bound} s: {what}", interval=0.02)
 
 
 def engine(client, vllm_events: VllmEvents, name: str, ns, replay: bool = True) -> None:

@@ -16,7 +16,7 @@ import pytest
 from index.hashing import prefix_keys
 from tests.connectors.vllm.engines import BLOCK_TOKENS, start_engine, wait_engine
 from tests.connectors.vllm.test_vllm_connector import make_prompt, spec
-from tests.processes import free_port
+from tests.processes import free_port, wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 BT = BLOCK_TOKENS
@@ -35,11 +35,7 @@ def wait_file(path: Path, proc, log: Path, timeout: float = 240.0) -> None:
 
 
 def wait_for(check, what: str, bound: float = BOUND_S) -> float:
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < bound, f"not within {bound} s: {what}"
-        time.sleep(0.02)
-    return time.monotonic() - start
+    return wait_until(check, bound, f"not within {bound} s: {what}", interval=0.02)
 
 
 def engine_spec(model: str, url: str, name: str, prompts, ports, before, after) -> dict:
