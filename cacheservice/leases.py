@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from cacheservice.errors import BadRequest, Overloaded
 from cacheservice.results import AcquireResult, ReserveResult
-from index.hashing import Namespace
+from index.hashing import ROOT_KEY, Namespace
 from index.radix import Node
 from tiers.base import BlockMeta
 from tiers.slots import Commit, HostSlots
@@ -151,7 +151,10 @@ class LeaseTable:
         new = new[: max(0, min(self.max_write_slots, room))]
         if not new:
             return ReserveResult("", [None] * len(keys))
-        granted = await self.slots.reserve(len(new), [parent, *keys])
+        # A chain whose parent is neither the root nor stored nor being written can never be
+        # reached by a prefix lookup (the writer missed a block): it must not evict anything.
+        anchored = parent == ROOT_KEY or parent in self.reserving or self.slots.is_stored(parent)
+        granted = await self.slots.reserve(len(new), [parent, *keys], evict=anchored)
         lease.slots = [None] * len(keys)
         lease.metas = [None] * len(keys)
         for i, slot in zip(new, granted, strict=False):

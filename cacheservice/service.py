@@ -215,8 +215,10 @@ class CacheService:
         parent: bytes,
         data: bytes | memoryview,
         flat: bool = False,
+        chunk: bool = False,
     ) -> int:
-        """Store blocks from a request body; returns how many of ``keys`` are stored now."""
+        """Store blocks from a request body; returns how many of ``keys`` are stored now.
+        ``chunk``: ``parent`` is a chunk's key (the root of its chain), not a block."""
         parent = self._key(parent, "parent")
         keys = self._keys(keys, parent=None if flat else parent)
         namespace, block_bytes = self.namespaces.get(ns)
@@ -230,13 +232,17 @@ class CacheService:
         payloads = [view[i * block_bytes : (i + 1) * block_bytes] for i in range(len(keys))]
         sums = await checksums(payloads)
         stored = 0
+        # Blocks after a missing one are reachable by no prefix lookup: they may take free
+        # slots but never evict (else a full arena trades a prompt's head for its tail).
+        anchored = flat or chunk or parent == ROOT_KEY or parent in self.tree
         for i, key in enumerate(keys):
             prev = ROOT_KEY if flat else (keys[i - 1] if i else parent)
             meta = BlockMeta(namespace.seed, key, prev, block_bytes, sums[i])
             new = self.tree.get(key) is None
-            if await self.stack.store(meta, payloads[i]):
-                stored += 1
-                self.counters["stores"] += new
+            ok = await self.stack.store(meta, payloads[i], evict=anchored)
+            stored += ok
+            self.counters["stores"] += ok and new
+            anchored = flat or ok
         return stored
 
     async def get_blocks(self, ns: str, keys: list[bytes], prefix: bool = True) -> GetBlocksResult:
@@ -289,7 +295,7 @@ class CacheService:
                 f"tokens, got {len(keys)} keys: use index.hashing.chunk_block_keys"
             )
         if data is not None:
-            await self.put_blocks(ns, keys, chunk, data)
+            await self.put_blocks(ns, keys, chunk, data, chunk=True)
         if not all(self.tree.get(k) is not None for k in keys):
             return False
         entry = ChunkEntry(num_tokens, start_pos, keys)

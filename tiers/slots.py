@@ -63,14 +63,16 @@ class HostSlots:
     def is_stored(self, key: bytes) -> bool:
         return self.tree.get(key) is not None
 
-    async def reserve(self, count: int, keep: Sequence[bytes]) -> list[int]:
+    async def reserve(self, count: int, keep: Sequence[bytes], evict: bool = True) -> list[int]:
         """Up to ``count`` free slots. ``keep``: blocks the writer chains from, which stay
-        (evicting a prompt's own head to make room for its tail would leave nothing to hit)."""
-        own = self.tree.pin(keep, touch=False)
-        try:
-            await self.stack.host_slots(count)
-        finally:
-            self.tree.unpin_nodes(own)
+        (evicting a prompt's own head to make room for its tail would leave nothing to hit).
+        ``evict`` False: only slots free already (a write no prefix lookup can reach)."""
+        if evict:
+            own = self.tree.pin(keep, touch=False)
+            try:
+                await self.stack.host_slots(count)
+            finally:
+                self.tree.unpin_nodes(own)
         slots: list[int] = []
         while len(slots) < count and (slot := self.host.alloc()) is not None:
             slots.append(slot)

@@ -92,13 +92,20 @@ class TierStack:
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def store(self, meta: BlockMeta, payload: bytes | memoryview) -> bool:
-        """Copy a block into host (evicting if full), index it and queue its write-down."""
+    async def store(self, meta: BlockMeta, payload: bytes | memoryview, evict: bool = True) -> bool:
+        """Copy a block into host (evicting if full and ``evict``, never the block's parent),
+        index it and queue its write-down."""
         node = self.tree.get(meta.key)
         if node is not None:
             return True
         if not await self.host.put(meta, payload):
-            await self.make_room(0, 1)
+            if not evict:
+                return False
+            own = self.tree.pin([meta.parent], touch=False)
+            try:
+                await self.make_room(0, 1)
+            finally:
+                self.tree.unpin_nodes(own)
             if not await self.host.put(meta, payload):
                 return False
         return await self.published(meta)

@@ -94,7 +94,7 @@ async def test_host_only_leaf_copied_down_before_eviction(tmp_path):
     chain = make_chain(3)
     assert await stack.store(*chain[0])
     assert await stack.store(*make_chain(1, start=50)[0])
-    assert await stack.store(*chain[1])  # evicts the LRU leaf, copied to disk first
+    assert await stack.store(*make_chain(1, start=80)[0])  # evicts the LRU leaf, copied down
     stack.check_integrity()
     assert stack.tree.get(chain[0][0].key).tiers == {"disk"}
     assert bytes((await stack.fetch(chain[0][0].key, promote=False)).payload) == chain[0][1]
@@ -121,7 +121,10 @@ async def test_pinned_blocks_are_not_evicted(tmp_path):
     assert not await stack.store(*chain[2])  # nothing may go
     assert stack.tree.match(keys_of(chain)).length == 2
     stack.tree.unpin_nodes(handles)
-    assert await stack.store(*chain[2])
+    # Unpinned, only the block's own chain could make room: evicting its parent would leave
+    # it unreachable, so the chain stays whole and the block is refused.
+    assert not await stack.store(*chain[2])
+    assert stack.tree.match(keys_of(chain)).length == 2
     stack.check_integrity()
     await stack.close()
 
