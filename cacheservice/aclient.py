@@ -107,9 +107,16 @@ class AsyncCacheClient:
         return await self._do(Requests.reserve(ns, keys, parent))
 
     async def commit(
-        self, lease: str, ok: list[bool] | None = None, checksums: list[int | None] | None = None
+        self,
+        lease: str,
+        ok: list[bool] | None = None,
+        checksums: list[int | None] | None = None,
+        spots: list[int | None] | None = None,
     ) -> int:
-        return await self._do(Requests.commit(lease, ok, checksums))
+        """``checksums``/``spots``: per reserved key, the xxh3_64 and the
+        ``index.hashing.spot_checksum`` of the bytes written; with both, the service checks
+        the spots only (PROTOCOL.md)."""
+        return await self._do(Requests.commit(lease, ok, checksums, spots))
 
     async def exists(self, ns: str, keys: list[bytes]) -> int:
         return await self._do(Requests.exists(ns, keys))

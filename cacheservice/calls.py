@@ -95,9 +95,12 @@ class Requests:
 
     @staticmethod
     def commit(
-        lease: str, ok: list[bool] | None = None, checksums: list[int | None] | None = None
+        lease: str,
+        ok: list[bool] | None = None,
+        checksums: list[int | None] | None = None,
+        spots: list[int | None] | None = None,
     ) -> Call:
-        body = {"lease": lease, "ok": ok, "checksums": checksums}
+        body = {"lease": lease, "ok": ok, "checksums": checksums, "spots": spots}
         return _post("/v1/commit", body, lambda d: d["committed"])
 
     @staticmethod

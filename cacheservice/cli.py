@@ -31,6 +31,8 @@ _HELP = {
     "host": "TCP address to bind",
     "port": "TCP port (0 = no TCP, unix socket only)",
     "unix_socket": "also serve on this unix socket path (fastest for same-host engines)",
+    "frames_socket": "same-host socket for engines' data-plane frames (PROTOCOL.md); 'auto' "
+    "= ARENA_PATH.sock, 'none' = off",
     "token": "require this bearer token (visible in ps: prefer env CACHESERVICE_TOKEN)",
     "token_file": "token file used when no token is given, created 0600 at first start "
     "(default ~/.config/cacheservice/token; clients of the same user read it)",

@@ -24,6 +24,7 @@ from cacheservice.calls import (
     split_url,
 )
 from cacheservice.errors import ServiceUnavailable
+from cacheservice.frames import FramesLane
 from cacheservice.results import (
     AcquireResult,
     EngineSpec,
@@ -88,11 +89,20 @@ class CacheClient:
         token: str | None = None,
         timeout: float = 5.0,
         connect_timeout: float = 1.0,
+        frames: bool = True,
     ):
+        """``frames``: data-plane calls go over the service's same-host frames socket when
+        it advertises one (frames.py); off, or on another host, everything is HTTP."""
         self.url = url.rstrip("/")
         self._unix, self._host, self._port = split_url(self.url)
         self._timeouts = (timeout, min(connect_timeout, timeout))
         self._headers = headers(token)
+        host = None if self._unix else self._host
+        self._lane = FramesLane(
+            host, self._headers.get("Authorization", "")[len("Bearer ") :] or None,
+            self._timeouts, lambda path: self._send("GET", path, None),
+        )  # fmt: skip
+        self._lane.enabled &= frames
         # One keep-alive connection per calling thread: engines call from worker threads.
         self._local = threading.local()
         self._all: list[_Connection] = []
@@ -139,7 +149,15 @@ class CacheClient:
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _do(self, call: Call) -> Any:
-        return call.result(*self._send(call.method, call.path, call.encode()))
+        body = call.encode()
+        if call.method == "POST" and (answer := self._lane.call(call.path, body or b"")):
+            return call.result(*answer)
+        return call.result(*self._send(call.method, call.path, body))
+
+    @property
+    def transport(self) -> str:
+        """ "frames" once data-plane calls use the frames socket, else "http"."""
+        return "frames" if self._lane.path is not None else "http"
 
     def health(self) -> bool:
         try:
@@ -157,6 +175,7 @@ class CacheClient:
         for conn in conns:
             conn.close()
         self._local = threading.local()
+        self._lane.close()
 
     def __enter__(self) -> CacheClient:
         return self
@@ -182,9 +201,16 @@ class CacheClient:
         return self._do(Requests.reserve(ns, keys, parent))
 
     def commit(
-        self, lease: str, ok: list[bool] | None = None, checksums: list[int | None] | None = None
+        self,
+        lease: str,
+        ok: list[bool] | None = None,
+        checksums: list[int | None] | None = None,
+        spots: list[int | None] | None = None,
     ) -> int:
-        return self._do(Requests.commit(lease, ok, checksums))
+        """``checksums``/``spots``: per reserved key, the xxh3_64 and the
+        ``index.hashing.spot_checksum`` of the bytes written; with both, the service checks
+        the spots only (PROTOCOL.md)."""
+        return self._do(Requests.commit(lease, ok, checksums, spots))
 
     def exists(self, ns: str, keys: list[bytes]) -> int:
         return self._do(Requests.exists(ns, keys))

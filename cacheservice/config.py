@@ -56,6 +56,8 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0 = no TCP listener (unix socket only)
     unix_socket: str | None = None
+    # Same-host frames socket for engines' data-plane calls; "auto" = <arena_path>.sock
+    frames_socket: str | None = "auto"
     token: str | None = None
     token_file: str | None = None  # None = $CACHESERVICE_TOKEN_FILE or ~/.config/cacheservice/token
     auth: str = "token"  # "none" opens the service to every local user: deliberate only
@@ -96,6 +98,10 @@ class ServiceConfig:
             object.__setattr__(self, "token", None)
         if not self.unix_socket:
             object.__setattr__(self, "unix_socket", None)
+        if self.frames_socket == "auto":
+            object.__setattr__(self, "frames_socket", f"{self.arena_path}.sock")
+        elif not self.frames_socket or self.frames_socket == "none":
+            object.__setattr__(self, "frames_socket", None)
         for name in ("events_endpoint", "events_replay_endpoint"):
             if not getattr(self, name):
                 object.__setattr__(self, name, None)

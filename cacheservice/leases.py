@@ -168,7 +168,11 @@ class LeaseTable:
         return ReserveResult(lease.id, list(lease.slots))
 
     async def commit(
-        self, lease: str, ok: list[bool] | None = None, sums: list[int | None] | None = None
+        self,
+        lease: str,
+        ok: list[bool] | None = None,
+        sums: list[int | None] | None = None,
+        spots: list[int | None] | None = None,
     ) -> int:
         """Publish the filled slots of a reserve lease; returns how many blocks it stored.
         ``sums[i]``: the xxh3_64 of the bytes the writer put in slot i; a slot holding other
@@ -176,7 +180,7 @@ class LeaseTable:
         held = self.leases.get(lease)
         if held is None or held.pins:
             return 0  # expired (already aborted) or not a reserve lease: nothing stored
-        for name, given in (("ok", ok), ("checksums", sums)):
+        for name, given in (("ok", ok), ("checksums", sums), ("spots", spots)):
             if given is not None and len(given) != len(held.slots):
                 raise BadRequest(
                     f"{name} has {len(given)} entries but the lease reserved "
@@ -189,7 +193,8 @@ class LeaseTable:
                 continue
             self.reserving.pop(meta.key, None)
             if ok is None or ok[i]:
-                todo.append(Commit(slot, meta, None if sums is None else sums[i]))
+                expected = None if sums is None else sums[i]
+                todo.append(Commit(slot, meta, expected, None if spots is None else spots[i]))
             else:
                 self.slots.abort(slot)
         return await self.slots.commit(todo)

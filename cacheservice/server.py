@@ -1,7 +1,6 @@
-"""The aiohttp application: thin msgpack handlers over ``CacheService`` (PROTOCOL.md).
-
-Handlers validate every field (protocol.Fields) before calling the service, so a bad request
-is a 4xx that changes nothing. Middleware, outermost first: request metrics, error mapping
+"""The aiohttp application: the data-plane operations (ops.py) as msgpack endpoints, plus
+stats, health and metrics (PROTOCOL.md). The same-host frames socket serves the same
+operations (frames_server.py). Middleware, outermost first: request metrics, error mapping
 (typed errors -> their status, anything else -> 500 with a message; the service stays up),
 origin checks (guard.py: no browser pages, allowed Host names, msgpack bodies), then bearer
 auth unless the service was opened deliberately with ``auth = "none"`` (tokens.py).
@@ -16,22 +15,24 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cacheservice import tokens
+from cacheservice import ops, tokens
 from cacheservice.auth import auth_middleware
 from cacheservice.config import ServiceConfig
 from cacheservice.errors import CacheServiceError
 from cacheservice.fleet import Fleet
 from cacheservice.fleet_routes import routes as fleet_routes
+from cacheservice.frames_server import FramesServer
 from cacheservice.guard import guard_middleware
 from cacheservice.memory import tune_allocator
 from cacheservice.metrics import CONTENT_TYPE as METRICS_TYPE
 from cacheservice.metrics import Metrics
 from cacheservice.planning import Planning
-from cacheservice.protocol import CONTENT_TYPE, error_body, join_keys
+from cacheservice.protocol import CONTENT_TYPE, error_body
 from cacheservice.service import CacheService
 from cacheservice.webstate import (
     CONFIG_KEY,
     FLEET_KEY,
+    FRAMES_KEY,
     METRICS_KEY,
     PLANNING_KEY,
     SERVICE_KEY,
@@ -59,97 +60,15 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, body=error_body(code, message), content_type=CONTENT_TYPE)
 
 
-@routes.post("/v1/namespace")
-async def namespace(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    ns, block_bytes = f.namespace(), f.integer("block_bytes", lo=1)
-    info = await _svc(request).register_namespace_durable(ns, block_bytes)
-    return _reply(
-        {"ns": info.ns, "seed": info.seed, "block_bytes": info.block_bytes, "arena": info.arena}
-    )
+def _http(op: ops.Op):
+    async def handler(request: web.Request) -> web.Response:
+        return _reply(await op(_svc(request), await _fields(request)))
+
+    return handler
 
 
-@routes.post("/v1/lookup")
-async def lookup(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    r = await _svc(request).lookup(f.ns(), f.keys())
-    return _reply({"hits": r.hits, "tiers": list(r.tiers)})
-
-
-@routes.post("/v1/acquire")
-async def acquire(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    ns, keys, lease_ms = f.ns(), f.keys(), f.opt_int("lease_ms", lo=1, hi=3_600_000)
-    r = await _svc(request).acquire(ns, keys, lease_ms, f.boolean("flat", False))
-    doc = {"lease": r.lease, "slots": list(r.slots), "checksums": list(r.checksums)}
-    return _reply(doc | {"lengths": list(r.lengths)})
-
-
-@routes.post("/v1/release")
-async def release(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    return _reply({"released": _svc(request).release(f.string("lease"))})
-
-
-@routes.post("/v1/reserve")
-async def reserve(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    r = await _svc(request).reserve(f.ns(), f.keys(), f.parent())
-    return _reply({"lease": r.lease, "slots": list(r.slots)})
-
-
-@routes.post("/v1/commit")
-async def commit(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    lease, ok, sums = f.string("lease"), f.bool_list("ok"), f.checksum_list("checksums")
-    return _reply({"committed": await _svc(request).commit(lease, ok, sums)})
-
-
-@routes.post("/v1/exists")
-async def exists(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    return _reply({"count": await _svc(request).exists(f.ns(), f.keys())})
-
-
-@routes.post("/v1/blocks/put")
-async def put_blocks(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    ns, keys, parent = f.ns(), f.keys(), f.parent()
-    data, flat = f.blob("data"), f.boolean("flat", False)
-    return _reply({"stored": await _svc(request).put_blocks(ns, keys, parent, data, flat)})
-
-
-@routes.post("/v1/blocks/get")
-async def get_blocks(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    ns, keys, prefix = f.ns(), f.keys(), f.boolean("prefix", True)
-    r = await _svc(request).get_blocks(ns, keys, prefix)
-    return _reply({"count": r.count, "data": bytes(r.data), "present": list(r.present)})
-
-
-@routes.post("/v1/chunks/register")
-async def register_chunk(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    ns, chunk, keys = f.ns(), f.key("chunk"), f.keys()
-    num_tokens, start_pos = f.integer("num_tokens", lo=1), f.integer("start_pos")
-    ok = await _svc(request).register_chunk(
-        ns, chunk, num_tokens, start_pos, keys, f.opt_bin("data")
-    )
-    return _reply({"registered": ok})
-
-
-@routes.post("/v1/chunks/lookup")
-async def lookup_chunks(request: web.Request) -> web.Response:
-    f = await _fields(request)
-    entries = _svc(request).lookup_chunks(f.ns(), f.key_list("chunks"))
-    return _reply({"entries": [None if e is None else _chunk_doc(e) for e in entries]})
-
-
-def _chunk_doc(entry) -> dict:
-    doc = {"num_tokens": entry.num_tokens, "start_pos": entry.start_pos}
-    doc["keys"] = join_keys(entry.keys)
-    doc["resident"] = bool(getattr(entry, "resident", True))
-    return doc
+for _path, _op in ops.DATA_PLANE.items():
+    routes.post(_path)(_http(_op))
 
 
 @routes.get("/v1/stats")
@@ -159,7 +78,11 @@ async def stats(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps({"status": "ok"}), content_type="application/json")
+    doc = {"status": "ok"}
+    if FRAMES_KEY in request.app:  # same-host clients switch to it (frames.py)
+        info = request.app[FRAMES_KEY]
+        doc |= {"frames": info.path, "instance": info.instance}
+    return web.Response(text=json.dumps(doc), content_type="application/json")
 
 
 @routes.get("/metrics")
@@ -281,6 +204,30 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         await service.close()
 
 
+def _frames_ctx(token: str | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        cfg = app[CONFIG_KEY]
+        server = None
+        if cfg.frames_socket is not None:
+            server = FramesServer(
+                app[SERVICE_KEY], app[METRICS_KEY], cfg.frames_socket, token, cfg.max_body_bytes
+            )
+            try:
+                await server.start()
+            except OSError as e:  # HTTP still serves everything: a warning, not a failed start
+                log.warning("no frames socket (%s): same-host clients use HTTP", e)
+                server = None
+            else:
+                app[FRAMES_KEY] = server.info
+        try:
+            yield
+        finally:
+            if server is not None:
+                await server.close()
+
+    return ctx
+
+
 def service_token(config: ServiceConfig) -> str | None:
     """The token requests must carry: the configured one, else (auth "token", the default)
     the same-user token file, created at first start; None only for auth "none"."""
@@ -305,6 +252,7 @@ def create_app(config: ServiceConfig) -> web.Application:
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics(lambda: app[SERVICE_KEY].stats() if SERVICE_KEY in app else None)
     app.cleanup_ctx.append(_service_ctx)
+    app.cleanup_ctx.append(_frames_ctx(token))
     app.add_routes(routes)
     app.add_routes(fleet_routes)
     return app

@@ -191,9 +191,13 @@ class CacheService:
         return await self.leases.reserve(namespace, block_bytes, keys, parent)
 
     async def commit(
-        self, lease: str, ok: list[bool] | None = None, sums: list[int | None] | None = None
+        self,
+        lease: str,
+        ok: list[bool] | None = None,
+        sums: list[int | None] | None = None,
+        spots: list[int | None] | None = None,
     ) -> int:
-        stored = await self.leases.commit(lease, ok, sums)
+        stored = await self.leases.commit(lease, ok, sums, spots)
         self.counters["stores"] += stored
         return stored
 

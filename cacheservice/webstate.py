@@ -6,6 +6,7 @@ from aiohttp import web
 
 from cacheservice.config import ServiceConfig
 from cacheservice.fleet import Fleet
+from cacheservice.frames_server import FramesInfo
 from cacheservice.metrics import Metrics
 from cacheservice.planning import Planning
 from cacheservice.protocol import CONTENT_TYPE, Fields, pack
@@ -16,6 +17,7 @@ SERVICE_KEY = web.AppKey("service", CacheService)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 FLEET_KEY = web.AppKey("fleet", Fleet)
 PLANNING_KEY = web.AppKey("planning", Planning)
+FRAMES_KEY = web.AppKey("frames", FramesInfo)
 
 
 def reply(doc: dict) -> web.Response:

@@ -11,6 +11,8 @@ prompt give identical keys.
 
 from __future__ import annotations
 
+import array
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -64,6 +66,17 @@ class Namespace:
 
 
 def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    if isinstance(tokens, list | tuple):
+        # array.array converts a list 4x faster than numpy and range-checks while it does
+        try:
+            packed = array.array("I", tokens)
+        except OverflowError:
+            raise ValueError("token ids must fit in uint32") from None
+        except TypeError:
+            raise ValueError("token ids must be integers") from None
+        if packed.itemsize != 4 or sys.byteorder != "little":
+            return np.asarray(packed, dtype="<u4").tobytes()
+        return packed.tobytes()
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
@@ -84,12 +97,13 @@ def prefix_keys(
     assert len(parent) == KEY_BYTES, "parent must be a 16-byte block key"
     data = token_bytes(tokens)
     step = 4 * block_tokens
-    view = memoryview(data)
     digest = xxhash.xxh3_128_digest
     keys: list[bytes] = []
+    append = keys.append
     for off in range(0, len(data) - step + 1, step):
-        parent = digest(parent + view[off : off + step], seed)
-        keys.append(parent)
+        # bytes slices, not memoryview ones: bytes + bytes is one allocation (2x faster)
+        parent = digest(parent + data[off : off + step], seed)
+        append(parent)
     return keys
 
 
@@ -111,3 +125,25 @@ def chunk_block_keys(
         tail = data[4 * (n - n % block_tokens) :]
         full.append(xxhash.xxh3_128_digest(last_parent + tail, seed))
     return full
+
+
+SPOT_STRIDE = 4096  # at most one sampled line per page...
+SPOT_LINE = 64
+SPOT_MIN_LINES = 64  # ...and at least 64 lines (all of them in a block under 4 KiB)
+
+
+def spot_checksum(payload: bytes | bytearray | memoryview) -> int:
+    """xxh3_64 of one 64-byte line per stride of ``payload`` (a 4 KiB page, or less so that
+    at least 64 lines are taken) plus its last line: what a commit checks instead of
+    re-hashing every byte (1.6% of a 2 MiB block). It tells the bytes a writer put in a slot
+    from another writer's pages; the full xxh3_64 the writer also gives is what every reader
+    verifies, so a smaller scribble is still a miss."""
+    arr = np.frombuffer(payload, dtype=np.uint8)
+    n = len(arr)
+    stride = n // SPOT_MIN_LINES // SPOT_LINE * SPOT_LINE
+    if stride <= SPOT_LINE:
+        return xxhash.xxh3_64_intdigest(arr)
+    stride = min(stride, SPOT_STRIDE)
+    pages = arr[: n - n % stride].reshape(-1, stride)[:, :SPOT_LINE]
+    head = np.ascontiguousarray(pages).tobytes() if len(pages) else b""
+    return xxhash.xxh3_64_intdigest(head + arr[n - SPOT_LINE :].tobytes())

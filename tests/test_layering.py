@@ -1,6 +1,6 @@
 """Arrows point one way (CONTRIBUTING.md): index -> nothing of ours; tiers -> index;
 cacheservice -> index, tiers; connectors -> the client side of cacheservice (client, wire
-protocol, errors, results, arena mapping, token lookup) and the hashing. Checked on every
+protocol, frames, errors, results, arena mapping, token lookup) and the hashing. Checked on every
 import statement of every module, and on what importing the client really loads."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ OURS = ("index", "tiers", "cacheservice", "connectors")
 CLIENT_SIDE = {
     "cacheservice", "cacheservice.client", "cacheservice.aclient", "cacheservice.calls",
     "cacheservice.protocol", "cacheservice.errors", "cacheservice.results",
-    "cacheservice.arena", "cacheservice.tokens", "index.hashing", "index.chunks", "tiers.base",
+    "cacheservice.arena", "cacheservice.tokens", "cacheservice.frames", "index.hashing",
+    "index.chunks", "tiers.base",
     "index.planner",
 }  # fmt: skip
 ALLOWED = {

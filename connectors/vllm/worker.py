@@ -46,6 +46,7 @@ from connectors.vllm.scheduler import (
     Settings,
 )
 from connectors.vllm.transfer import CudaLayerLoad, CudaSave, HostLayerLoad, pin_arena, prefault
+from index.hashing import spot_checksum
 
 log = logging.getLogger("cacheservice.connectors.vllm")
 
@@ -306,10 +307,12 @@ class WorkerSide:
             if copying is not None:
                 copying.done()
             n = self.layout.block_bytes
-            sums = [None if s is None else xxhash.xxh3_64_intdigest(arena.payload(s, n))
-                    for s in res.slots]  # fmt: skip
+            views = [None if s is None else arena.payload(s, n) for s in res.slots]
+            # The full hash is what readers verify; the service checks only the spots.
+            sums = [None if v is None else xxhash.xxh3_64_intdigest(v) for v in views]
+            spots = [None if v is None else spot_checksum(v) for v in views]
             self.stats["saved_blocks"] += self.client.commit(
-                res.lease, [s is not None for s in res.slots], sums
+                res.lease, [s is not None for s in res.slots], sums, spots
             )
             self.stats["commit_s"] += time.perf_counter() - start
         except ServiceUnavailable as e:

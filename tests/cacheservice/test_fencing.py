@@ -15,6 +15,7 @@ import xxhash
 
 from cacheservice.arena import ArenaView
 from cacheservice.client import CacheClient
+from index.hashing import spot_checksum
 from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
 from tests.processes import REPO, start_service
 
@@ -92,6 +93,40 @@ def test_late_writer_never_publishes_into_another_key(tmp_path: Path) -> None:
         finally:
             w1.kill()
             w1.wait()
+    svc.stop()
+
+
+def test_spot_checked_commits_fence_scribbles_and_readers_catch_the_rest(tmp_path: Path) -> None:
+    """A commit with spots (index.hashing.spot_checksum) is checked on a sample of the slot:
+    other bytes over the sampled lines are fenced; a scribble between them is published
+    under the writer's full checksum, which every read verifies: a miss, never its bytes."""
+    # No disk tier: its write-down would read (and verify) the block before the test does.
+    args = ["--slot-bytes", "262144", "--arena-bytes", "4MiB", "--disk-dir", ""]
+    svc = start_service(tmp_path / "svc", extra=args)
+    ns = make_namespace()
+    size = 256 * 1024 - 4096
+    k1, k2, k3 = make_prefix_keys(ns, 3, seed=5)
+    d1, d2, d3 = make_payloads(3, size, seed=5)
+    with svc.client() as c:
+        info = c.register(ns, size)
+        with ArenaView.open(info.arena["path"]) as arena:
+            res, slot = write_and_commit(c, arena, info.ns, k1, d1)
+            sums = [xxhash.xxh3_64_intdigest(d1)]
+            assert c.commit(res.lease, checksums=sums, spots=[spot_checksum(d1)]) == 1
+            res, slot = write_and_commit(c, arena, info.ns, k2, d2)
+            arena.payload(slot, size)[:] = d3  # another writer's whole block landed on top
+            sums = [xxhash.xxh3_64_intdigest(d2)]
+            assert c.commit(res.lease, checksums=sums, spots=[spot_checksum(d2)]) == 0
+            assert c.stats()["fenced"] == 1
+            res, slot = write_and_commit(c, arena, info.ns, k3, d3)
+            arena.payload(slot, size)[100] ^= 0xFF  # inside a line the spots do not sample
+            sums = [xxhash.xxh3_64_intdigest(d3)]
+            assert c.commit(res.lease, checksums=sums, spots=[spot_checksum(d3)]) == 1
+            acq = c.acquire(info.ns, [k3], lease_ms=5000)  # what a connector verifies
+            assert acq.checksums[0] != xxhash.xxh3_64_intdigest(arena.payload(acq.slots[0], size))
+            c.release(acq.lease)
+        got = c.get_blocks(info.ns, [k1, k2, k3], prefix=False)
+        assert got.present == [True, False, False] and got.data == d1
     svc.stop()
 
 

@@ -1,0 +1,216 @@
+"""Frames: the lean same-host transport for the data plane (PROTOCOL.md "Frames").
+
+An HTTP round trip through aiohttp and http.client costs ~1 ms of Python on a busy host; an
+engine's scheduler pays one per lookup and its worker one per acquire. A frame carries the
+same msgpack document over a unix socket with a 5-byte header:
+
+    request: u32 body length (little-endian), u8 operation (index in OPS), body
+    answer:  u32 body length, u16 status (the HTTP endpoint's), body (its answer or error)
+
+The first frame on a connection is ``hello`` with ``{"token": ...}`` (the bearer token, or
+"" when the service runs without auth); it answers ``{"instance": id}``, the id ``/health``
+also names, so a client proves the socket belongs to the service its URL points at. Frames
+are answered in order, one at a time per connection. The socket is 0600: same user only.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from cacheservice.errors import ServiceUnavailable
+from cacheservice.protocol import error_for, pack, unpack
+
+# Operation numbers are positions: append only (ops.DATA_PLANE holds the same paths).
+OPS = (
+    "hello",
+    "/v1/namespace",
+    "/v1/lookup",
+    "/v1/acquire",
+    "/v1/release",
+    "/v1/reserve",
+    "/v1/commit",
+    "/v1/exists",
+    "/v1/blocks/put",
+    "/v1/blocks/get",
+    "/v1/chunks/register",
+    "/v1/chunks/lookup",
+)
+OP_IDS = {name: i for i, name in enumerate(OPS)}
+HELLO = 0
+REQUEST = struct.Struct("<IB")
+ANSWER = struct.Struct("<IH")
+
+
+class FramesConnection:
+    """One client connection (not thread-safe: the client keeps one per thread)."""
+
+    def __init__(self, path: str, token: str | None, timeout: float, connect_timeout: float):
+        self.path, self.token = path, token or ""
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.sock: socket.socket | None = None
+        self.instance = ""
+
+    def connect(self) -> str:
+        """Open and say hello; returns the service instance id. OSError if unreachable."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.path)
+            sock.settimeout(self.timeout)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        status, data = self._exchange(HELLO, pack({"token": self.token}))
+        if status != 200:
+            self.close()
+            raise error_for(status, data)
+        self.instance = str(unpack(data).get("instance", ""))
+        return self.instance
+
+    def call(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """Send one operation, return (status, answer body). OSError when the socket fails."""
+        if self.sock is None:
+            self.connect()
+        return self._exchange(OP_IDS[path], body)
+
+    def _exchange(self, op: int, body: bytes) -> tuple[int, bytes]:
+        sock = self.sock
+        assert sock is not None, "exchange on a closed frames connection"
+        head = REQUEST.pack(len(body), op)
+        if len(body) < 65536:
+            sock.sendall(head + body)
+        else:  # no concatenated copy of a large payload
+            sent = sock.sendmsg([head, body])
+            if sent < len(head):
+                sock.sendall(head[sent:])
+                sent = len(head)
+            sock.sendall(memoryview(body)[sent - len(head) :])
+        head = _recv_exact(sock, ANSWER.size)
+        length, status = ANSWER.unpack(head)
+        return status, _recv_exact(sock, length)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+_FALLBACK = (FileNotFoundError, ConnectionRefusedError, PermissionError)
+
+
+class FramesLane:
+    """A client's switch to frames: on a same-host URL it asks ``/health`` (through
+    ``http_get``) where the frames socket is, and uses it once the socket's hello names the
+    same service instance. ``call`` returns None when a call should go over HTTP: no
+    socket advertised, unreachable, or another instance. A socket that refuses connections
+    is asked about again after ``retry_s``; a timeout raises (falling back would double it)."""
+
+    def __init__(
+        self,
+        host: str | None,
+        token: str | None,
+        timeouts: tuple[float, float],
+        http_get: Callable[[str], tuple[int, bytes]],
+        retry_s: float = 1.0,
+    ):
+        self.enabled = host is None or host in _LOCAL_HOSTS or host.startswith("127.")
+        self.token, self.timeouts, self.http_get = token, timeouts, http_get
+        self.retry_s = retry_s
+        self.path: str | None = None
+        self.instance = ""
+        self._next_try = 0.0
+        self._local = threading.local()
+        self._all: list[FramesConnection] = []
+        self._lock = threading.Lock()
+
+    def call(self, path: str, body: bytes) -> tuple[int, bytes] | None:
+        if not self.enabled or path not in OP_IDS:
+            return None
+        for attempt in range(2):
+            conn = getattr(self._local, "conn", None)
+            reused = conn is not None
+            if conn is None and (conn := self._open()) is None:
+                return None
+            try:
+                return conn.call(path, body)
+            except TimeoutError as e:
+                self._drop(conn)
+                raise ServiceUnavailable(f"cacheservice frames call {path} timed out: {e}") from e
+            except OSError as e:
+                self._drop(conn)
+                if not (reused and attempt == 0):
+                    raise unreachable(conn.path, e) from e
+                # an idle connection the service closed (restart): once more, fresh
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _open(self) -> FramesConnection | None:
+        if self.path is None and not self._discover():
+            return None
+        conn = FramesConnection(self.path or "", self.token, *self.timeouts)
+        try:
+            instance = conn.connect()
+        except _FALLBACK:
+            self.path, self._next_try = None, time.monotonic() + self.retry_s
+            return None
+        except OSError:
+            return None  # e.g. a stopped service timing out the hello: HTTP decides
+        if instance != self.instance:
+            conn.close()  # another service owns that path now: ask /health again later
+            self.path, self._next_try = None, time.monotonic() + self.retry_s
+            return None
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _discover(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
+        self._next_try = now + self.retry_s
+        try:
+            status, data = self.http_get("/health")
+            doc = json.loads(data) if status == 200 else {}
+        except (ServiceUnavailable, ValueError):
+            return False
+        path, instance = doc.get("frames"), doc.get("instance")
+        if not isinstance(path, str) or not isinstance(instance, str):
+            return False
+        self.path, self.instance = path, instance
+        return True
+
+    def _drop(self, conn: FramesConnection) -> None:
+        conn.close()
+        self._local.conn = None
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionResetError("cacheservice closed the frames connection")
+        got += k
+    return bytes(buf)
+
+
+def unreachable(path: str, e: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"cannot reach cacheservice frames socket {path}: {e!r}")
