@@ -92,8 +92,10 @@ class AsyncCacheClient:
     async def register(self, ns: Namespace, block_bytes: int) -> NamespaceInfo:
         return await self._do(Requests.register(ns, block_bytes))
 
-    async def lookup(self, ns: str, keys: list[bytes]) -> LookupResult:
-        return await self._do(Requests.lookup(ns, keys))
+    async def lookup(self, ns: str, keys: list[bytes], tiers: bool = True) -> LookupResult:
+        """The longest stored prefix of ``keys`` and each block's fastest tier; ``tiers``
+        False: its length only (``tiers`` empty), the service's cheapest answer."""
+        return await self._do(Requests.lookup(ns, keys, tiers))
 
     async def acquire(
         self, ns: str, keys: list[bytes], lease_ms: int | None = None, flat: bool = False

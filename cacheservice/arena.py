@@ -7,6 +7,7 @@ gave it and out of slots an acquire pinned for it, and never touches any other s
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -62,6 +63,11 @@ class ArenaView:
             # Map every page now: a first touch of each 4 KiB page of the shared file costs a
             # fault (~0.5 us), which on a 1 GiB load would take longer than the copy itself.
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            # MAP_POPULATE maps the pages for reading; the first write into each still faults
+            # (a write into 256 MiB of fresh slots ran at 3 GiB/s, 5 GiB/s once mapped).
+            # MADV_POPULATE_WRITE (Linux >= 5.14) maps them writable, changing no byte.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
             st = os.fstat(fd)
         finally:
             os.close(fd)

@@ -73,8 +73,8 @@ class Requests:
         return _post("/v1/namespace", body, lambda d: _build(NamespaceInfo, d))
 
     @staticmethod
-    def lookup(ns: str, keys: list[bytes]) -> Call:
-        body = {"ns": ns, "keys": join_keys(keys)}
+    def lookup(ns: str, keys: list[bytes], tiers: bool = True) -> Call:
+        body = {"ns": ns, "keys": join_keys(keys), "tiers": None if tiers else False}
         return _post("/v1/lookup", body, lambda d: _build(LookupResult, d))
 
     @staticmethod

@@ -186,8 +186,10 @@ class CacheClient:
     def register(self, ns: Namespace, block_bytes: int) -> NamespaceInfo:
         return self._do(Requests.register(ns, block_bytes))
 
-    def lookup(self, ns: str, keys: list[bytes]) -> LookupResult:
-        return self._do(Requests.lookup(ns, keys))
+    def lookup(self, ns: str, keys: list[bytes], tiers: bool = True) -> LookupResult:
+        """The longest stored prefix of ``keys`` and each block's fastest tier; ``tiers``
+        False: its length only (``tiers`` empty), the service's cheapest answer."""
+        return self._do(Requests.lookup(ns, keys, tiers))
 
     def acquire(
         self, ns: str, keys: list[bytes], lease_ms: int | None = None, flat: bool = False

@@ -157,10 +157,11 @@ class LeaseTable:
         granted = await self.slots.reserve(len(new), [parent, *keys], evict=anchored)
         lease.slots = [None] * len(keys)
         lease.metas = [None] * len(keys)
+        seed = namespace.seed
         for i, slot in zip(new, granted, strict=False):
             lease.slots[i] = slot
             prev = keys[i - 1] if i else parent
-            lease.metas[i] = BlockMeta(namespace.seed, keys[i], prev, block_bytes, 0)
+            lease.metas[i] = BlockMeta(seed, keys[i], prev, block_bytes, 0)
             self.reserving[keys[i]] = lease.id
         if all(slot is None for slot in lease.slots):
             return ReserveResult("", list(lease.slots))

@@ -22,7 +22,7 @@ async def namespace(svc: CacheService, f: Fields) -> dict:
 
 
 async def lookup(svc: CacheService, f: Fields) -> dict:
-    r = await svc.lookup(f.ns(), f.keys())
+    r = await svc.lookup(f.ns(), f.keys(), f.boolean("tiers", True))
     return {"hits": r.hits, "tiers": list(r.tiers)}
 
 

@@ -148,12 +148,19 @@ class CacheService:
             m = self.tree.match(keys)
         return LookupResult(m.length, m.tiers)
 
-    async def lookup(self, ns: str, keys: list[bytes]) -> LookupResult:
-        keys = self._keys(keys)
+    async def lookup(self, ns: str, keys: list[bytes], tiers: bool = True) -> LookupResult:
+        """The stored prefix of ``keys``; ``tiers`` False: its length only, found by binary
+        search over the chained keys (no pass over them), tiers left empty."""
         self.namespaces.get(ns)
-        result = await self._match(keys)
+        probe = validate.key_blob(keys, self.max_keys) if not tiers else self._keys(keys)
+        hits = self.tree.match_length(probe) if not tiers else -1
+        if not tiers and (hits == len(probe) or not self.stack.shared):
+            result = LookupResult(hits, [])
+        else:  # every key checked, then matched edge by edge (and asked of a shared tier)
+            full = await self._match(probe if tiers else self._keys(keys))
+            result = full if tiers else LookupResult(full.hits, [])
         self.counters["hits"] += result.hits
-        self.counters["misses"] += len(keys) - result.hits
+        self.counters["misses"] += len(probe) - result.hits
         return result
 
     async def _present(self, keys: list[bytes]) -> int:

@@ -15,6 +15,7 @@ import array
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import msgpack
 import numpy as np
@@ -48,9 +49,10 @@ class Namespace:
         if not self.model:
             raise ValueError("model must name the model (e.g. its HF id or path)")
 
-    @property
+    @cached_property
     def seed(self) -> int:
         # Canonical encoding: field order is fixed by the dataclass, msgpack is deterministic.
+        # Cached (the fields are frozen): asdict costs ~90 us, and writers ask per block.
         return xxhash.xxh3_64_intdigest(msgpack.packb(list(asdict(self).values())))
 
     @property

@@ -9,6 +9,7 @@ the contract (stubs, pins, LRU order).
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from operator import attrgetter
@@ -73,6 +74,29 @@ class PrefixTree:
 
     def present(self, keys: Iterable[bytes]) -> list[bool]:
         return [self.get(k) is not None for k in keys]
+
+    def match_length(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys`` are a stored prefix, by binary search alone (O(log n) index
+        probes, no per-key pass): exact for chained keys (each names its whole prefix). A
+        list that is no chain may be over- or under-counted; ``match`` checks every edge, and
+        is what anything that pins or reads must use."""
+        n = len(keys)
+        get = self._nodes.get
+
+        def at_depth(i: int) -> bool:
+            node = get(keys[i])
+            return node is not None and node.depth == i + 1 and bool(node.tiers)
+
+        if n == 0 or at_depth(n - 1):
+            return n
+        lo, hi = -1, n - 1  # at_depth(lo) holds (virtually for -1), at_depth(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if at_depth(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo + 1
 
     def match(self, keys: Sequence[bytes]) -> MatchResult:
         n = len(keys)
@@ -223,20 +247,50 @@ class PrefixTree:
         self._touch_nodes([n for n in map(self.get, keys) if n is not None])
 
     def evict_candidates(self, tier: str, count: int, copy_down: bool = False) -> list[bytes]:
-        """Up to ``count`` least recently used unpinned blocks whose ``tier`` copy may go: another
-        tier holds them too, or they are leaves (removing them drops them from the index).
+        """Up to ``count`` unpinned blocks whose ``tier`` copy may go, in the order they should:
+        least recently used first, where a block held only in ``tier`` with children goes only
+        after them (removing it would orphan them). The plan counts its own removals: a parent
+        whose last child it takes becomes a candidate at its own (older) place, so one old
+        prompt goes tail to head before a newer prompt loses its tail.
         ``copy_down``: the caller first copies a last copy to a lower tier, so an internal
         block held only in ``tier`` is a candidate too (it goes only once it is copied)."""
         out: list[bytes] = []
-        if count <= 0:
+        lru = self._lru.get(tier)
+        if count <= 0 or not lru:
             return out
-        nodes = self._nodes
-        for key in self._lru.get(tier, ()):
-            node = nodes[key]
-            if node.pins == 0 and (copy_down or len(node.tiers) > 1 or not node.children):
-                out.append(key)
+        nodes, root = self._nodes, self._root
+        taken: set[bytes] = set()
+        gone: dict[bytes, int] = {}  # block -> children this plan removes from the index
+        freed: list[tuple[int, bytes]] = []  # parents the plan made leaves, by their tick
+
+        def may_go(node: Node) -> bool:
+            if node.pins or node.key in taken:
+                return False
+            return copy_down or len(node.tiers) > 1 or len(node.children) <= gone.get(node.key, 0)
+
+        def take(node: Node) -> None:
+            out.append(node.key)
+            taken.add(node.key)
+            parent = node.parent
+            if copy_down or len(node.tiers) > 1 or parent is None or parent is root:
+                return  # the block stays indexed (another tier holds it): no parent freed
+            gone[parent.key] = gone.get(parent.key, 0) + 1
+            if parent.key in lru and may_go(parent):
+                heapq.heappush(freed, (lru[parent.key], parent.key))
+
+        for key, tick in lru.items():
+            while freed and freed[0][0] < tick and len(out) < count:
+                if (k := heapq.heappop(freed)[1]) not in taken:
+                    take(nodes[k])
+            if len(out) >= count:
+                break
+            if may_go(node := nodes[key]):
+                take(node)
                 if len(out) >= count:
                     break
+        while freed and len(out) < count:
+            if (k := heapq.heappop(freed)[1]) not in taken:
+                take(nodes[k])
         return out
 
     # -- internals --------------------------------------------------------------------------

@@ -78,6 +78,10 @@ class HostSlots:
         slots: list[int] = []
         while len(slots) < count and (slot := self.host.alloc()) is not None:
             slots.append(slot)
+        # Ascending: slots freed together (a prompt evicted, a lease aborted) come back out of
+        # the free stack reversed; in order they are runs the writer fills with one strided
+        # copy per layer instead of a gather and a scatter per block (3x slower, measured).
+        slots.sort()
         return slots
 
     def abort(self, slot: int, hold_until: float = 0.0) -> None:

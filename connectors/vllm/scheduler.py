@@ -166,7 +166,7 @@ class SchedulerSide:
                 self.client.register(ns, self.layout.block_bytes)
                 self._registered = True
             try:
-                return self.client.lookup(ns.id, keys).hits
+                return self.client.lookup(ns.id, keys, tiers=False).hits
             except UnknownNamespace:  # the service lost its namespaces: register again
                 self._registered = False
         return 0

@@ -304,3 +304,27 @@ async def test_namespace_count_is_bounded(tmp_path):
         svc.register_namespace(Namespace("one-too-many", "f16", "l", 4), INPROC_BB)
     assert svc.register_namespace(Namespace("m0", "f16", "l", 4), INPROC_BB)  # known: fine
     await svc.close()
+
+
+async def test_a_length_only_lookup_agrees_with_the_full_one(tmp_path):
+    """lookup(tiers=False) answers by binary search over the key blob: the same hits as the
+    edge-by-edge match after evictions and with a disk copy, the same refusals of malformed
+    blobs, and no refusal of a harmless probe (a repeat or the root simply do not match)."""
+    svc = await make_inproc_service(tmp_path, host_slots=4)
+    info = svc.register_namespace(INPROC_NS, INPROC_BB)
+    keys = inproc_keys(8)
+    await svc.put_blocks(info.ns, keys[:6], ROOT_KEY, inproc_data(6))  # 2 leave host for disk
+    await svc.drain()
+    for n in range(9):
+        blob = b"".join(keys[:n])
+        full = await svc.lookup(info.ns, blob)
+        short = await svc.lookup(info.ns, blob, tiers=False)
+        assert short.hits == full.hits == min(n, 6) and short.tiers == []
+    assert (await svc.lookup(info.ns, keys[0] * 2, tiers=False)).hits == 1
+    assert (await svc.lookup(info.ns, ROOT_KEY + keys[0], tiers=False)).hits == 0
+    with pytest.raises(BadRequest):
+        await svc.lookup(info.ns, b"x" * 17, tiers=False)
+    with pytest.raises(TooLarge):
+        await svc.lookup(info.ns, bytes(16) * (svc.max_keys + 1), tiers=False)
+    await checked(svc)
+    await svc.close()

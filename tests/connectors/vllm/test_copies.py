@@ -84,3 +84,33 @@ def test_plans_and_layer_by_layer_loads(arena, slots, blocks, runs, indexed) -> 
             assert torch.equal(b[block], t[i])
     untouched = set(range(BLOCKS)) - set(blocks)
     assert not any(b[u].any() for b in back for u in untouched)
+
+
+def test_large_scattered_blocks_stay_runs_copied_by_numpy(tmp_path: Path) -> None:
+    """Pages of 512 KiB per layer: six scattered blocks are six runs (each moves far more
+    than a gather's temporary would save), copied through numpy views of the same memory;
+    bytes land exactly, in both directions."""
+    shape = (8, 2, 64, 8, 128)  # [blocks, K/V, tokens, heads, dim] float32: 512 KiB a layer
+    layer_bytes = 2 * 64 * 8 * 128 * 4
+    slot = -(-(LAYERS * layer_bytes + 64) // 4096) * 4096
+    host = HostTier(str(tmp_path / "arena"), 8 * slot, slot)
+    view = ArenaView.open(str(tmp_path / "arena"))
+    try:
+        gen = torch.Generator().manual_seed(3)
+        layers = [torch.randn(*shape, generator=gen) for _ in range(LAYERS)]
+        copier = BlockCopier(layers, layer_bytes)
+        slots, blocks = [5, 2, 7, 0, 3, 6], [1, 4, 7, 0, 2, 5]
+        plan = copier.plan(slots, blocks)
+        assert len(plan.runs) == 6 and plan.slot_index is None
+        copier.save(view, slots, blocks)
+        for s, b in zip(slots, blocks, strict=True):
+            got = np.frombuffer(view.payload(s, LAYERS * layer_bytes), dtype=np.uint8)
+            assert (got == expected(layers, b)).all()
+        back = [torch.zeros_like(t) for t in layers]
+        BlockCopier(back, layer_bytes).load(view, slots, blocks)
+        for t, b in zip(layers, back, strict=True):
+            assert all(torch.equal(b[i], t[i]) for i in blocks)
+            assert not any(b[i].any() for i in set(range(8)) - set(blocks))
+    finally:
+        view.close()
+        host.shutdown()
