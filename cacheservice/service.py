@@ -151,8 +151,8 @@ class CacheService:
     async def lookup(self, ns: str, keys: list[bytes], tiers: bool = True) -> LookupResult:
         """The stored prefix of ``keys``; ``tiers`` False: its length only, found by binary
         search over the chained keys (no pass over them), tiers left empty."""
-        self.namespaces.get(ns)
         probe = validate.key_blob(keys, self.max_keys) if not tiers else self._keys(keys)
+        self.namespaces.get(ns)  # after the keys: a malformed body is a 400 first
         hits = self.tree.match_length(probe) if not tiers else -1
         if not tiers and (hits == len(probe) or not self.stack.shared):
             result = LookupResult(hits, [])
