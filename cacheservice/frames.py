@@ -159,8 +159,10 @@ class FramesLane:
         except _FALLBACK:
             self.path, self._next_try = None, time.monotonic() + self.retry_s
             return None
+        except TimeoutError as e:  # a stopped service: HTTP would time out once more
+            raise ServiceUnavailable(f"cacheservice frames hello timed out: {e}") from e
         except OSError:
-            return None  # e.g. a stopped service timing out the hello: HTTP decides
+            return None
         if instance != self.instance:
             conn.close()  # another service owns that path now: ask /health again later
             self.path, self._next_try = None, time.monotonic() + self.retry_s
@@ -175,10 +177,11 @@ class FramesLane:
         if now < self._next_try:
             return False
         self._next_try = now + self.retry_s
+        # ServiceUnavailable goes to the caller: its HTTP call would fail (or wait) the same way
+        status, data = self.http_get("/health")
         try:
-            status, data = self.http_get("/health")
             doc = json.loads(data) if status == 200 else {}
-        except (ServiceUnavailable, ValueError):
+        except ValueError:
             return False
         path, instance = doc.get("frames"), doc.get("instance")
         if not isinstance(path, str) or not isinstance(instance, str):

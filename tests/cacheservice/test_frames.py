@@ -179,3 +179,12 @@ def test_a_stopped_service_times_out_once_not_twice(make_service) -> None:
         finally:
             svc.proc.send_signal(signal.SIGCONT)
         assert c.lookup(ns.id, make_prefix_keys(ns, 2)).hits == 0
+    svc.proc.send_signal(signal.SIGSTOP)
+    try:  # a fresh client: finding the socket must not add a wait of its own either
+        with svc.client(timeout=0.3, connect_timeout=0.3) as fresh:
+            start = time.monotonic()
+            with pytest.raises(ServiceUnavailable):
+                fresh.lookup(ns.id, make_prefix_keys(ns, 2))
+            assert time.monotonic() - start < 0.55
+    finally:
+        svc.proc.send_signal(signal.SIGCONT)
