@@ -19,8 +19,8 @@ keys rotated at their position then. When the service holds some of a prompt's c
 connector claims the prompt up to the last block boundary at or before the end of the last
 held chunk; the worker (blend_worker.py) re-rotates the chunks' keys to their
 new positions, computes the other claimed tokens and the selected chunk tokens with the
-checkpoint's own weights (connectors/blend/hf_llama.py) and writes the blended KV into vLLM's
-paged cache; vLLM then computes the rest of the prompt on top of it.
+engine's own loaded modules (engine_model.py: no second copy of the weights) and writes the
+blended KV into vLLM's paged cache; vLLM then computes the rest of the prompt on top of it.
 
 Blended KV approximates a full prefill (quality is measured, see the tests); it is never
 stored back as a chunk. With vLLM's prefix caching on, blocks of a blended prefix could be
@@ -67,4 +67,5 @@ class CacheServiceBlendConnector(SidedConnector):
     ) -> BlendWorker:
         from connectors.vllm.blend_worker import BlendWorker
 
-        return BlendWorker(settings, shape, vllm_config.cache_config.cache_dtype)
+        attention = vllm_config.compilation_config.static_forward_context
+        return BlendWorker(settings, shape, vllm_config.cache_config.cache_dtype, attention)

@@ -4,8 +4,9 @@ Saves read a computed chunk's per-token K/V out of the paged cache right after t
 (before vLLM can reuse the blocks) and register it under its chunk key. A load fetches the
 held chunks on a background thread; once they are in, the engine's thread (in
 ``get_finished``) re-rotates and selectively recomputes the claimed prefix with the
-checkpoint's own weights (blend_prefill over HFLlama) and writes every claimed token's K/V
-into the request's blocks before vLLM schedules the request's remaining tokens. A load that
+engine's own loaded modules (blend_prefill over engine_model.EngineModel: no second copy of
+the weights) and writes every claimed token's K/V into the request's blocks before vLLM
+schedules the request's remaining tokens. A load that
 fails for any reason reports all its blocks as load errors: vLLM recomputes them, so a
 failure costs time, never correctness.
 """
@@ -33,6 +34,7 @@ from connectors.vllm.blend_scheduler import (
     BlendShape,
     make_policy,
 )
+from connectors.vllm.engine_model import EngineModel, Unsupported, served_model
 
 log = logging.getLogger("cacheservice.connectors.vllm.blend")
 
@@ -44,14 +46,24 @@ def blend_segments(load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> list
 
 
 class BlendWorker:
-    def __init__(self, settings: BlendSettings, shape: BlendShape, cache_dtype: str):
+    def __init__(
+        self,
+        settings: BlendSettings,
+        shape: BlendShape,
+        cache_dtype: str,
+        attention: dict[str, torch.nn.Module],
+    ):
+        """``attention``: vLLM's registered attention layers (static_forward_context), the
+        handle on the served model's own modules."""
         self.s, self.shape, self.cache_dtype = settings, shape, cache_dtype
+        self._attention = {n: attention[n] for n in shape.layers if n in attention}
         self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
         self.gate = Gate(settings.retry_s, self.client.health)
         geo = (len(shape.layers), shape.num_kv_heads, shape.head_size, shape.block_tokens)
         self.kv_layout = KVLayout(*geo, shape.dtype)
         self._store: ChunkStore | None = None
-        self._model = None
+        self._model: EngineModel | None = None
+        self._unsupported: str | None = None
         self._layers: list[torch.Tensor] = []
         self._paged: kvl.PagedLayout | None = None
         self._loads: Loads[BlendLoad] = Loads("cs-blend", self._finish_load)
@@ -68,6 +80,12 @@ class BlendWorker:
                                 self.shape.head_size, first.dtype, isa)  # fmt: skip
         for t in self._layers:
             self._paged.check(t)
+        # Here, not later: vLLM freezes its start-up heap right after the KV caches exist.
+        try:
+            self._model = EngineModel(served_model(self._attention), list(self.shape.layers))
+        except Unsupported as e:
+            self._unsupported = str(e)
+            log.error("blend disabled, every claimed prefix is recomputed: %s", e)
 
     def _chunk_store(self) -> ChunkStore:
         if self._store is None:
@@ -108,9 +126,7 @@ class BlendWorker:
         pinned CPU threads runs some hundred times slower than the same work done here."""
         start = time.perf_counter()
         if self._model is None:
-            from connectors.blend.hf_llama import HFLlama
-
-            self._model = HFLlama(self.shape.model_path)
+            raise Unsupported(self._unsupported or "register_kv_caches has not run")
         hits = sum(v is not None for v in cached.values())
         self.stats["chunk_hits"] += hits
         self.stats["chunk_misses"] += len(cached) - hits

@@ -9,7 +9,8 @@ max_model_len, skip_tokenizer_init (a model directory without a tokenizer),
 requests: [{"prompt": [ids], "params": kv_transfer_params or absent}], generated one after
 another. Each output holds the greedy tokens, vLLM's cached-token count and, per generated
 token, the log-probabilities of the whole vocabulary (``logprobs=-1``).
-Output line: ``RESULT {"outputs": [{"tokens", "cached", "logprobs"}], "worker": {stats}}``.
+Output line: ``RESULT {"outputs": [{"tokens", "cached", "logprobs"}], "worker": {stats}}``;
+the stats say whether the blend model is the engine's own (``engine_weights``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,20 @@ def make_llm(spec: dict):
     )
 
 
-def worker_stats() -> dict:
+def served_model(llm):
+    """The module vLLM runs, reached through the engine (in-process engine core)."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.model_executor.driver_worker.worker.model_runner.model
+
+
+def worker_stats(llm) -> dict:
     worker = engine_run.connector_worker()
-    return {} if worker is None else {**worker.stats, "namespace": worker.shape.ns.to_dict()}
+    if worker is None:
+        return {}
+    blend = worker._model
+    # the blend recomputes with the engine's own modules, not a copy of their weights
+    own = blend is not None and blend.root is served_model(llm)
+    return {**worker.stats, "namespace": worker.shape.ns.to_dict(), "engine_weights": own}
 
 
 def run(spec: dict) -> dict:
@@ -61,7 +73,7 @@ def run(spec: dict) -> dict:
             {"tokens": list(gen.token_ids), "cached": out.num_cached_tokens or 0,
              "logprobs": logprobs}
         )  # fmt: skip
-    return {"outputs": outputs, "worker": worker_stats()}
+    return {"outputs": outputs, "worker": worker_stats(llm)}
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def test_blend_hit_with_bounded_deviation(model, reference, tmp_path: Path):
     assert b["worker"]["chunk_hits"] == 2 * len(POLICIES) + 2
     assert b["worker"]["failed_requests"] == 0
     assert b["worker"]["saved_chunks"] == 0, "blended KV is never stored as a chunk"
+    assert b["worker"]["engine_weights"], "the recompute runs the engine's own modules"
     *outs, sep = b["outputs"]
     assert sep["cached"] == CLAIMED and sep["tokens"] == reference["S"]["tokens"]
     assert kl_first_token(reference["S"], sep) < 1e-5, "a cut chunk's head is placed exactly"
@@ -171,7 +172,7 @@ def test_service_down_computes_normally(model, reference, tmp_path: Path):
 
 
 def test_failed_blend_reports_its_blocks_and_writes_nothing(tmp_path: Path):
-    """A blend that cannot run (here: service down, checkpoint missing) hands every claimed
+    """A blend that cannot run (here: service down, no served model) hands every claimed
     block back as a load error, which vLLM recomputes; the paged cache is left untouched."""
     import time
 
@@ -183,7 +184,8 @@ def test_failed_blend_reports_its_blocks_and_writes_nothing(tmp_path: Path):
 
     ns = Namespace("missing", "float32", "test", 32)
     shape = BlendShape(ns, str(tmp_path / "missing"), ("l0",), 2, 32, 32, "float32")
-    worker = BlendWorker(BlendSettings(url=f"http://127.0.0.1:{free_port()}"), shape, "auto")
+    settings = BlendSettings(url=f"http://127.0.0.1:{free_port()}")
+    worker = BlendWorker(settings, shape, "auto", {})
     cache = torch.zeros((4, 2, 32, 64))
     worker.register_kv_caches({"l0": cache})
     policy = {"policy": "first_k", "first_k": 4, "ratio": 0.1, "select_layer": 1}

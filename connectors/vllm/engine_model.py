@@ -1,0 +1,162 @@
+"""The model vLLM already serves, on the blend layer-callable contract: no second copy.
+
+A KV connector's worker side is handed the KV caches, never the model. It can still reach the
+model: every attention layer vLLM registers in ``compilation_config.static_forward_context``
+is the very ``Attention`` submodule of the loaded model, under its module path (e.g.
+``model.layers.3.self_attn.attn``). ``served_model`` walks up from that submodule to the root
+module (the process holds one model; the walk is checked against every layer name) once, at
+``register_kv_caches``.
+
+Blended prefill then runs the engine's own modules: the embedding, each decoder layer's
+``input_layernorm``, ``qkv_proj`` (biases included), ``rotary_emb`` (vLLM's own RoPE kernel),
+``o_proj``, ``post_attention_layernorm`` and ``mlp``, the final ``norm`` and ``lm_head``. On
+CPU vLLM replaces the linear weights by packed oneDNN handles and frees the originals, so
+calling the modules is also the only way to use those weights at all. Only the attention
+itself is computed here (SDPA over spliced cached + recomputed K/V with an explicit mask):
+vLLM's attention reads its paged cache and forward context, which a blend must not touch.
+
+A decoder layer is accepted when it has exactly the Llama block's parts and its RoPE is the
+plain ``RotaryEmbedding`` (re-rotation of cached keys assumes it): Llama, Mistral without a
+sliding window, Qwen2 (qkv bias). Anything else (scaled RoPE, q/k norms, sliding windows,
+tensor parallelism) raises ``Unsupported``, so the connector claims nothing rather than
+blending wrong KV.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.nn.functional as F
+
+from connectors.blend.base import QKV, BlendLayer, BlendModel
+from connectors.blend.rope import RopeSpec
+
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_ATTN_PARTS = ("qkv_proj", "o_proj", "rotary_emb", "attn")
+
+
+class Unsupported(Exception):
+    """The served model is not one blended prefill can compute exactly."""
+
+
+def _parents() -> dict[int, tuple[torch.nn.Module, str]]:
+    """Child module id -> (parent, attribute name) over every live module in the process."""
+    frozen = gc.get_freeze_count() > 0
+    if frozen:  # vLLM freezes its start-up heap, which hides it from get_objects
+        gc.unfreeze()
+    try:
+        objs = gc.get_objects()
+    finally:
+        if frozen:
+            gc.freeze()
+    out: dict[int, tuple[torch.nn.Module, str]] = {}
+    module = torch.nn.Module
+    for obj in objs:
+        # type(), not isinstance(): lazy proxies answer __class__ with deprecation warnings
+        if issubclass(type(obj), module):
+            for name, child in obj._modules.items():
+                if child is not None:
+                    out[id(child)] = (obj, name)
+    return out
+
+
+def served_model(attention: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """The root module that holds every ``attention`` layer at its name's module path."""
+    if not attention:
+        raise Unsupported("no attention layers registered")
+    name, leaf = next(iter(attention.items()))
+    parents = _parents()
+    node = leaf
+    for _ in name.split("."):
+        if id(node) not in parents:
+            raise Unsupported(f"{name}: no module holds this attention layer")
+        node = parents[id(node)][0]
+    for n, layer in attention.items():
+        try:
+            found = node.get_submodule(n)
+        except AttributeError:
+            found = None
+        if found is not layer:
+            raise Unsupported(f"{n} is not the registered attention layer of {type(node)}")
+    return node
+
+
+def _out(x: torch.Tensor | tuple) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x  # vLLM linears return (out, bias)
+
+
+class EngineLayer(BlendLayer):
+    def __init__(self, layer: torch.nn.Module, name: str):
+        missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
+        attn = getattr(layer, "self_attn", None)
+        missing += [f"self_attn.{p}" for p in _ATTN_PARTS if not hasattr(attn, p)]
+        if missing:
+            raise Unsupported(f"{name} ({type(layer).__name__}) lacks {missing}")
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            raise Unsupported(f"{name}: q/k norms are not computed by blended prefill")
+        rope = attn.rotary_emb
+        if type(rope).__name__ != "RotaryEmbedding":
+            raise Unsupported(f"{name}: {type(rope).__name__} is not plain RoPE")
+        inner = attn.attn
+        if getattr(inner, "sliding_window", None) or getattr(attn, "sliding_window", None):
+            raise Unsupported(f"{name}: a sliding window is not computed by blended prefill")
+        self.m, self.a = layer, attn
+        self.n_heads, self.n_kv = int(attn.num_heads), int(attn.num_kv_heads)
+        if getattr(attn, "total_num_heads", self.n_heads) != self.n_heads:
+            raise Unsupported(f"{name}: tensor-parallel shards are not supported")
+        self.head_dim = int(attn.head_dim)
+        self.scale = float(getattr(inner, "scale", self.head_dim**-0.5))
+        self.rope = RopeSpec(self.head_dim, float(rope.base), "neox" if rope.is_neox_style
+                             else "gptj", int(rope.rotary_dim))  # fmt: skip
+
+    def qkv(self, h: torch.Tensor, positions: torch.Tensor) -> QKV:
+        a = self.a
+        qkv = _out(a.qkv_proj(self.m.input_layernorm(h)))
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        # vLLM's rotary kernel rotates in place: hand it copies the caller may keep
+        q, k = q.contiguous(), k.contiguous()
+        q, k = a.rotary_emb(positions, q, k)
+        d, n_kv = self.head_dim, self.n_kv
+        return QKV(q.view(-1, self.n_heads, d), k.view(-1, n_kv, d), v.reshape(-1, n_kv, d))
+
+    def attend_and_mlp(self, h, q, k_all, v_all, mask):
+        rep = self.n_heads // self.n_kv
+        k = k_all.to(q.dtype).repeat_interleave(rep, dim=1).transpose(0, 1)  # [H, Tk, d]
+        v = v_all.to(q.dtype).repeat_interleave(rep, dim=1).transpose(0, 1)
+        att = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, attn_mask=mask[None], scale=self.scale
+        )
+        h = h + _out(self.a.o_proj(att.transpose(0, 1).reshape(h.shape[0], -1)))
+        return h + self.m.mlp(self.m.post_attention_layernorm(h))
+
+
+class EngineModel(BlendModel):
+    """``root`` is the module vLLM runs (``...ForCausalLM``); ``names`` its attention layers in
+    KV-cache order, which is the decoder layers' order."""
+
+    def __init__(self, root: torch.nn.Module, names: list[str]):
+        inner = getattr(root, "model", None)
+        for part in ("embed_tokens", "layers", "norm"):
+            if not hasattr(inner, part):
+                raise Unsupported(f"{type(root).__name__}.model has no {part}")
+        self.inner, self.root = inner, root
+        layers = [n.removesuffix(".self_attn.attn") for n in names]
+        if any(n == m for n, m in zip(layers, names, strict=True)):
+            raise Unsupported(f"attention layers not at <layer>.self_attn.attn: {names[:2]}")
+        self.layers = [EngineLayer(root.get_submodule(n), n) for n in layers]
+        specs = {layer.rope for layer in self.layers}
+        if len(specs) != 1:
+            raise Unsupported(f"layers use different RoPE: {sorted(map(str, specs))}")
+        self.rope = specs.pop()
+        head = getattr(root, "lm_head", None)
+        self._lm_head = getattr(head, "weight", None)
+        if self._lm_head is None or self._lm_head.numel() == 0:
+            self._lm_head = inner.embed_tokens.weight  # tied embeddings
+        self.dtype = inner.embed_tokens.weight.dtype
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(tokens)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.inner.norm(h), self._lm_head)
