@@ -5,7 +5,8 @@ Tests start it as a subprocess::
     python -m tests.connectors.vllm.blend_engine_run '{"model": ..., "requests": [...]}'
 
 Spec keys: model, url (absent: no connector), extra (kv_connector_extra_config), max_tokens,
-max_model_len, skip_tokenizer_init (a model directory without a tokenizer),
+max_model_len, skip_tokenizer_init (a model directory without a tokenizer), dtype, logprobs
+(default -1: the whole vocabulary; None: none, which a large vocabulary makes much faster),
 requests: [{"prompt": [ids], "params": kv_transfer_params or absent}], generated one after
 another. Each output holds the greedy tokens, vLLM's cached-token count and, per generated
 token, the log-probabilities of the whole vocabulary (``logprobs=-1``).
@@ -58,7 +59,7 @@ def run(spec: dict) -> dict:
             max_tokens=spec.get("max_tokens", 4),
             temperature=0,
             ignore_eos=True,
-            logprobs=-1,
+            logprobs=spec.get("logprobs", -1),
             extra_args=extra,
         )
         out = llm.generate({"prompt_token_ids": req["prompt"]}, params, use_tqdm=False)[0]
