@@ -9,7 +9,6 @@ must turn that chunk into a miss (computed), never into wrong KV."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -86,7 +85,7 @@ def test_smollm2_full_recompute_equals_vllm_and_corrupt_chunk_is_computed(smollm
     w = b["worker"]
     assert w["engine_weights"] and w["failed_requests"] == 0
     assert w["blended_requests"] == EXAMPLES and w["chunk_hits"] == 2 * EXAMPLES
-    for got, want, (p, c) in zip(b["outputs"], ref["outputs"], blends, strict=True):
+    for got, want, (_, c) in zip(b["outputs"], ref["outputs"], blends, strict=True):
         assert got["cached"] == c[1][1] // 32 * 32, "claimed through p1's last full block"
         assert got["tokens"] == want["tokens"], "full recompute = vLLM's own prefill"
     (out,) = bad["outputs"]
