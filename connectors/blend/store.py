@@ -1,6 +1,11 @@
 """Chunk KV through the cache service: pack a chunk's per-layer K/V into fixed-size blocks,
 register it under its chunk key, and find it again from any prompt that contains it.
 
+Reads go through the service's shared-memory arena when this process can map it (the service
+on this host): acquire pins the blocks' slots, each payload is copied out of its slot and the
+copy is checked against the block's xxh3 (the bytes used are the bytes verified), then the lease
+is released. A remote service, or blocks the arena does not hold, are read as HTTP bodies.
+
 Block payload layout (one block = ``block_tokens`` chunk tokens, the last one zero padded):
 ``[layer][K, V][token][kv_head][head_dim]`` in the namespace dtype, little-endian. Keys are
 stored rotated at the chunk's canonical start, which the chunk index records; the reader
@@ -15,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import xxhash
 
+from cacheservice.arena import ArenaClient
 from cacheservice.errors import BadRequest, ServiceUnavailable
 from connectors.blend.chunking import Chunk
 from connectors.blend.recompute import ChunkKV
@@ -61,11 +68,14 @@ def pack(chunk: ChunkKV, layout: KVLayout) -> bytes:
     return blocks.view(torch.uint8).numpy().tobytes()
 
 
-def unpack(tokens: torch.Tensor, start_pos: int, data: bytes, layout: KVLayout) -> ChunkKV:
+def unpack(
+    tokens: torch.Tensor, start_pos: int, data: bytes | bytearray, layout: KVLayout
+) -> ChunkKV:
     n, bt = tokens.shape[0], layout.block_tokens
     nb = -(-n // bt)
     assert len(data) == nb * layout.block_bytes, "caller checked the block count"
-    raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(layout.torch_dtype)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    raw = torch.from_numpy(buf if buf.flags.writeable else buf.copy()).view(layout.torch_dtype)
     kv = raw.view(nb, layout.num_layers, 2, bt, layout.kv_heads, layout.head_dim)
     kv = kv.permute(1, 2, 0, 3, 4, 5).reshape(layout.num_layers, 2, nb * bt, *kv.shape[-2:])
     kv = kv[:, :, :n]
@@ -77,12 +87,26 @@ class ChunkStore:
     raises ServiceUnavailable when the service is down; afterwards a down or slow service
     makes ``save`` return False and ``load`` return misses: the caller recomputes."""
 
-    def __init__(self, client: CacheClient, ns: Namespace, layout: KVLayout):
+    def __init__(
+        self, client: CacheClient, ns: Namespace, layout: KVLayout, arena: bool = True
+    ) -> None:
         if ns.block_tokens != layout.block_tokens:
             raise BadRequest("namespace and layout disagree on block_tokens: use one value")
         self.client, self.layout = client, layout
         info = client.register(ns, layout.block_bytes)
         self.ns_id, self.seed = info.ns, info.seed
+        self._arena: ArenaClient | None = None
+        path = (info.arena or {}).get("path")
+        if arena and path:
+            try:
+                self._arena = ArenaClient(path)
+            except (OSError, ValueError, ServiceUnavailable):
+                self._arena = None  # another host's service: HTTP bodies
+        self.stats = {"arena_reads": 0, "http_reads": 0}
+
+    def close(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
 
     def key(self, tokens: torch.Tensor) -> bytes:
         return chunk_key(tokens.tolist(), self.seed)
@@ -106,9 +130,40 @@ class ChunkStore:
             for c, e in zip(chunks, entries, strict=True):
                 if e is None or e.num_tokens != c.num_tokens:
                     continue
-                got = self.client.get_blocks(self.ns_id, e.keys, prefix=True)
-                if got.count == len(e.keys):
-                    out[c.key] = unpack(tokens[c.start : c.end], e.start_pos, got.data, self.layout)
+                data = self._read(e.keys)
+                if data is not None:
+                    out[c.key] = unpack(tokens[c.start : c.end], e.start_pos, data, self.layout)
         except ServiceUnavailable:
             pass
         return out
+
+    def _read(self, keys: list[bytes]) -> bytes | bytearray | None:
+        """Every block of ``keys``, verified, or None."""
+        data = self._read_arena(keys) if self._arena is not None else None
+        if data is not None:
+            self.stats["arena_reads"] += 1
+            return data
+        got = self.client.get_blocks(self.ns_id, keys, prefix=True)  # verified by the service
+        self.stats["http_reads"] += 1
+        return got.data if got.count == len(keys) else None
+
+    def _read_arena(self, keys: list[bytes]) -> bytearray | None:
+        """None unless every block is in the arena and verifies (the caller then asks over
+        HTTP, which reads lower tiers and drops what fails its checksum)."""
+        assert self._arena is not None, "only with a mapped arena"
+        acq = self.client.acquire(self.ns_id, keys)
+        if not acq.lease:
+            return None
+        try:
+            view, n = self._arena.current(), self.layout.block_bytes
+            if len(acq.slots) < len(keys) or any(x != n for x in acq.lengths[: len(keys)]):
+                return None
+            out = bytearray(len(keys) * n)
+            dst = memoryview(out)
+            for i, (slot, want) in enumerate(zip(acq.slots, acq.checksums, strict=False)):
+                dst[i * n : (i + 1) * n] = view.payload(slot, n)
+                if xxhash.xxh3_64_intdigest(dst[i * n : (i + 1) * n]) != want:
+                    return None
+            return out
+        finally:
+            self.client.release(acq.lease)

@@ -119,6 +119,7 @@ class BlendWorker:
         tokens = torch.tensor(load.tokens, dtype=torch.int64)
         cached = self._chunk_store().load(tokens, load.chunks)
         self.stats["fetch_s"] += time.perf_counter() - start
+        self.stats["arena_reads"] = self._chunk_store().stats["arena_reads"]
         return cached
 
     def _blend(self, load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> None:
@@ -166,4 +167,6 @@ class BlendWorker:
 
     def close(self) -> None:
         self._loads.close()
+        if self._store is not None:
+            self._store.close()
         self.client.close()

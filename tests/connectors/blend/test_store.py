@@ -79,3 +79,48 @@ def test_chunks_through_the_service_feed_a_blended_prefill(tiny, musique, servic
         torch.testing.assert_close(res.logits[-1], full.logits[-1], rtol=1e-4, atol=1e-4)
         miss = store.load(prompt, from_spans(prompt, [(2, 9)], store.seed))
         assert list(miss.values()) == [None]
+
+
+def test_reads_go_through_the_arena_and_a_lying_slot_is_never_used(tiny, musique, make_service):
+    """Same host: chunk bytes come out of the arena, not HTTP bodies. A slot whose bytes no
+    longer match its checksum is not used: the read falls back to HTTP, where the service
+    drops the bad copy and serves the disk tier's."""
+    from cacheservice.arena import ArenaView
+    from cacheservice.client import CacheClient
+    from connectors.blend.chunking import from_spans
+    from connectors.blend.store import ChunkStore
+    from index.hashing import Namespace, chunk_block_keys
+
+    svc = make_service(extra=["--arena-bytes", "64MiB", "--slot-bytes", str(132 << 10)])
+    model, tok = tiny
+    cfg = model.cfg
+    layout = KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 16)
+    ns = Namespace("llama2c/aidreams260K", "float32", "blend-kv-v1", 16)
+    doc = torch.tensor(tok.encode(musique[7]["ctxs"][0]["text"][:300])[:40])
+    prompt = torch.cat((torch.tensor([1]), doc))
+    with CacheClient(svc.url) as client:
+        store, plain = ChunkStore(client, ns, layout), ChunkStore(client, ns, layout, arena=False)
+        ref = encode_chunk(model, doc, torch.tensor([1]))
+        assert store.save(ref)
+        chunks = from_spans(prompt, [(1, 41)], store.seed)
+        (a,) = store.load(prompt, chunks).values()
+        (b,) = plain.load(prompt, chunks).values()
+        assert store.stats == {"arena_reads": 1, "http_reads": 0}
+        assert plain.stats == {"arena_reads": 0, "http_reads": 1}
+        for x, y, z in zip(
+            a.keys + a.values, b.keys + b.values, ref.keys + ref.values, strict=True
+        ):
+            assert torch.equal(x, z) and torch.equal(y, z)
+        keys = chunk_block_keys(doc.tolist(), store.seed, 16)
+        acq = client.acquire(store.ns_id, keys)  # a chain is pinned from its first block
+        with ArenaView.open(client.register(ns, layout.block_bytes).arena["path"]) as arena:
+            view = arena.payload(acq.slots[1], acq.lengths[1])
+            view[100:108] = b"\xff" * 8 if bytes(view[100:108]) != b"\xff" * 8 else bytes(8)
+            del view
+        client.release(acq.lease)
+        (c,) = store.load(prompt, chunks).values()
+        store.close()
+    assert store.stats["http_reads"] == 1, "the lying slot sent the read to HTTP"
+    assert c is not None, "the disk tier's copy serves it"
+    for x, z in zip(c.keys + c.values, ref.keys + ref.values, strict=True):
+        assert torch.equal(x, z), "never the corrupt bytes"

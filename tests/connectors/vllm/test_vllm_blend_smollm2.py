@@ -84,6 +84,7 @@ def test_smollm2_full_recompute_equals_vllm_and_corrupt_chunk_is_computed(smollm
         svc.stop()
     w = b["worker"]
     assert w["engine_weights"] and w["failed_requests"] == 0
+    assert w["arena_reads"] == 2 * EXAMPLES, "chunk bytes come through the arena"
     assert w["blended_requests"] == EXAMPLES and w["chunk_hits"] == 2 * EXAMPLES
     for got, want, (_, c) in zip(b["outputs"], ref["outputs"], blends, strict=True):
         assert got["cached"] == c[1][1] // 32 * 32, "claimed through p1's last full block"
