@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cacheservice.client import CacheClient
+from index.hashing import Namespace
 
 REPO = Path(__file__).resolve().parents[1]
 SLOT_BYTES = 4096  # 64-byte header + up to 4032 payload bytes
@@ -61,6 +62,22 @@ class ServiceProcess:
     def client(self, **kwargs) -> CacheClient:
         kwargs.setdefault("token", self.token)
         return CacheClient(self.url, **kwargs)
+
+    def corrupt_arena_copy(
+        self, ns: Namespace, block_bytes: int, keys: list[bytes], index: int = 0
+    ) -> None:
+        """Flip 8 bytes of the arena copy of ``keys[index]`` (``keys``: its chain from the
+        first block, which acquire pins from); lower tiers keep their copies."""
+        from cacheservice.arena import ArenaView
+
+        with self.client() as client:
+            acq = client.acquire(ns.id, keys[: index + 1])
+            info = client.register(ns, block_bytes)
+            with ArenaView.open(info.arena["path"]) as arena:
+                view = arena.payload(acq.slots[index], acq.lengths[index])
+                view[10:18] = bytes(8) if bytes(view[10:18]) != bytes(8) else b"\xff" * 8
+                del view
+            client.release(acq.lease)
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         with open(self.log, "ab") as log:

@@ -168,7 +168,8 @@ def _cached_rows(
 
 @dataclass(frozen=True)
 class BlendResult:
-    logits: torch.Tensor  # [len(rows), V]: logits of the rows computed through the last layer
+    # [len(rows), V]: logits of the rows computed through the last layer; None when not asked
+    logits: torch.Tensor | None
     rows: torch.Tensor  # [R] prompt indices of those rows (fresh rows always among them)
     kv: KV  # final per-layer KV of the whole prompt, recomputed rows spliced in
     recomputed: torch.Tensor  # [T] bool: rows computed through the last layer
@@ -177,13 +178,20 @@ class BlendResult:
 
     @property
     def last_logits(self) -> torch.Tensor:
+        assert self.logits is not None, "blend_prefill(logits=False) computes no logits"
         return self.logits[-1]
 
 
 def blend_prefill(
-    model: BlendModel, segments: Sequence[Segment], policy: Policy, start: int = 0
+    model: BlendModel,
+    segments: Sequence[Segment],
+    policy: Policy,
+    start: int = 0,
+    logits: bool = True,
 ) -> BlendResult:
-    """Prefill the concatenated segments at positions ``start..``, reusing cached chunks."""
+    """Prefill the concatenated segments at positions ``start..``, reusing cached chunks.
+    ``logits`` False: the KV only (an engine computes the next token itself), which skips the
+    last layer's attention + MLP and the classifier, unused by the KV."""
     if not segments or segments[-1].cached is not None:
         raise BadRequest("a blended prompt must end with a fresh segment (e.g. the question)")
     L = model.num_layers
@@ -225,11 +233,12 @@ def blend_prefill(
             active = ~is_chunk | picked
             h, q = h[active], q[active]
             rows = active.nonzero().squeeze(1)
-        h = layer.attend_and_mlp(h, q, K, V, causal_mask(pos[rows], pos))
+        if logits or i < L - 1:
+            h = layer.attend_and_mlp(h, q, K, V, causal_mask(pos[rows], pos))
         keys.append(K)
         values.append(V)
     return BlendResult(
-        logits=model.final(h),
+        logits=model.final(h) if logits else None,
         rows=rows,
         kv=KV(keys, values, pos),
         recomputed=active,

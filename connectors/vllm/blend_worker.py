@@ -70,6 +70,7 @@ class BlendWorker:
         self.stats = {"saved_chunks": 0, "blended_requests": 0, "failed_requests": 0}
         self.stats |= {"chunk_hits": 0, "chunk_misses": 0, "recompute_fraction": 0.0}
         self.stats |= {"fetch_s": 0.0, "blend_s": 0.0}  # blend_s includes fetch_s
+        self.stats["arena_reads"] = 0  # chunk reads served from shared memory (ChunkStore)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._layers = [kv_caches[name] for name in self.shape.layers]
@@ -132,7 +133,8 @@ class BlendWorker:
         self.stats["chunk_hits"] += hits
         self.stats["chunk_misses"] += len(cached) - hits
         with torch.no_grad():
-            res = blend_prefill(self._model, blend_segments(load, cached), make_policy(load.policy))
+            segs, policy = blend_segments(load, cached), make_policy(load.policy)
+            res = blend_prefill(self._model, segs, policy, logits=False)
         n = load.num_tokens
         blocks = torch.tensor(load.block_ids, dtype=torch.int64)
         pos = torch.arange(n, dtype=torch.int64)

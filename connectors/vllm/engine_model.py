@@ -40,8 +40,8 @@ class Unsupported(Exception):
     """The served model is not one blended prefill can compute exactly."""
 
 
-def _parents() -> dict[int, tuple[torch.nn.Module, str]]:
-    """Child module id -> (parent, attribute name) over every live module in the process."""
+def _parents() -> dict[int, torch.nn.Module]:
+    """Child module id -> its parent, over every live module in the process."""
     frozen = gc.get_freeze_count() > 0
     if frozen:  # vLLM freezes its start-up heap, which hides it from get_objects
         gc.unfreeze()
@@ -50,14 +50,14 @@ def _parents() -> dict[int, tuple[torch.nn.Module, str]]:
     finally:
         if frozen:
             gc.freeze()
-    out: dict[int, tuple[torch.nn.Module, str]] = {}
+    out: dict[int, torch.nn.Module] = {}
     module = torch.nn.Module
     for obj in objs:
         # type(), not isinstance(): lazy proxies answer __class__ with deprecation warnings
         if issubclass(type(obj), module):
-            for name, child in obj._modules.items():
+            for child in obj._modules.values():
                 if child is not None:
-                    out[id(child)] = (obj, name)
+                    out[id(child)] = obj
     return out
 
 
@@ -71,7 +71,7 @@ def served_model(attention: dict[str, torch.nn.Module]) -> torch.nn.Module:
     for _ in name.split("."):
         if id(node) not in parents:
             raise Unsupported(f"{name}: no module holds this attention layer")
-        node = parents[id(node)][0]
+        node = parents[id(node)]
     for n, layer in attention.items():
         try:
             found = node.get_submodule(n)
@@ -149,14 +149,15 @@ class EngineModel(BlendModel):
         if len(specs) != 1:
             raise Unsupported(f"layers use different RoPE: {sorted(map(str, specs))}")
         self.rope = specs.pop()
-        head = getattr(root, "lm_head", None)
-        self._lm_head = getattr(head, "weight", None)
-        if self._lm_head is None or self._lm_head.numel() == 0:
-            self._lm_head = inner.embed_tokens.weight  # tied embeddings
-        self.dtype = inner.embed_tokens.weight.dtype
+        # tied embeddings share the embedding's parameter (vLLM ties by assigning it)
+        self._lm_head = getattr(getattr(root, "lm_head", None), "weight", None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(tokens)
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits, for references and quality checks: a blend in the engine asks for the KV only
+        (``blend_prefill(logits=False)``), vLLM computes the next token."""
+        if self._lm_head is None or self._lm_head.numel() == 0:
+            raise Unsupported(f"{type(self.root).__name__}.lm_head has no readable weight")
         return F.linear(self.inner.norm(h), self._lm_head)

@@ -96,6 +96,25 @@ def test_recompute_fractions(tiny, musique):
     assert torch.equal(top.rows, top.recomputed.nonzero().squeeze(1))
 
 
+@pytest.mark.parametrize("policy", [FirstK(4), TopRatio(0.15, select_layer=1)])
+def test_kv_only_blend_skips_the_logits_and_keeps_the_kv(tiny, musique, policy):
+    """What an engine asks for (logits=False): the same KV, bit for bit, and no logits."""
+    model, _ = tiny
+    segs = make_rag_prompt(tiny, musique[3], [0, 1, 2])
+    full, kv_only = (
+        blend_prefill(model, segs, policy),
+        blend_prefill(model, segs, policy, logits=False),
+    )
+    assert kv_only.logits is None and full.logits is not None
+    assert torch.equal(kv_only.recomputed, full.recomputed)
+    for a, b in zip(
+        full.kv.keys + full.kv.values, kv_only.kv.keys + kv_only.kv.values, strict=True
+    ):
+        assert torch.equal(a, b)
+    with pytest.raises(AssertionError, match="no logits"):
+        _ = kv_only.last_logits
+
+
 def test_prompt_without_cached_chunks_is_a_plain_prefill(tiny):
     model, _ = tiny
     toks = torch.tensor([1, 40, 41, 42])

@@ -85,7 +85,6 @@ def test_reads_go_through_the_arena_and_a_lying_slot_is_never_used(tiny, musique
     """Same host: chunk bytes come out of the arena, not HTTP bodies. A slot whose bytes no
     longer match its checksum is not used: the read falls back to HTTP, where the service
     drops the bad copy and serves the disk tier's."""
-    from cacheservice.arena import ArenaView
     from cacheservice.client import CacheClient
     from connectors.blend.chunking import from_spans
     from connectors.blend.store import ChunkStore
@@ -112,12 +111,7 @@ def test_reads_go_through_the_arena_and_a_lying_slot_is_never_used(tiny, musique
         ):
             assert torch.equal(x, z) and torch.equal(y, z)
         keys = chunk_block_keys(doc.tolist(), store.seed, 16)
-        acq = client.acquire(store.ns_id, keys)  # a chain is pinned from its first block
-        with ArenaView.open(client.register(ns, layout.block_bytes).arena["path"]) as arena:
-            view = arena.payload(acq.slots[1], acq.lengths[1])
-            view[100:108] = b"\xff" * 8 if bytes(view[100:108]) != b"\xff" * 8 else bytes(8)
-            del view
-        client.release(acq.lease)
+        svc.corrupt_arena_copy(ns, layout.block_bytes, keys, index=1)
         (c,) = store.load(prompt, chunks).values()
         store.close()
     assert store.stats["http_reads"] == 1, "the lying slot sent the read to HTTP"

@@ -16,7 +16,6 @@ from connectors.blend import llama2c
 from connectors.blend.store import KVLayout
 from index.hashing import Namespace, chunk_block_keys
 from tests.connectors.vllm.blend_support import run_blend_engine
-from tests.connectors.vllm.test_vllm_failures import corrupt_slot
 from tests.processes import start_service
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -76,8 +75,9 @@ def test_smollm2_full_recompute_equals_vllm_and_corrupt_chunk_is_computed(smollm
         (p, c), layout = blends[0], KVLayout(30, 3, 64, 32, "float32")
         with svc.client() as client:
             seed = client.register(ns, layout.block_bytes).seed
-        first = chunk_block_keys(p[c[1][0] : c[1][1]], seed, 32)[0]
-        corrupt_slot(svc, ns, layout.block_bytes, first)
+        svc.corrupt_arena_copy(
+            ns, layout.block_bytes, chunk_block_keys(p[c[1][0] : c[1][1]], seed, 32)
+        )
         req = {"prompt": p, "params": {"chunks": c, "policy": "full"}}
         bad = run_blend_engine({**base, "url": svc.url, "requests": [req]}, tmp_path / "c.log")
     finally:

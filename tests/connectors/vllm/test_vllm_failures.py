@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from cacheservice.arena import ArenaView
 from connectors.vllm.identity import weights_fingerprint
 from connectors.vllm.worker import block_major
 from index.hashing import Namespace, prefix_keys
@@ -34,23 +33,12 @@ def spec(model: str, ps: list[list[int]], url: str | None = None, **kw) -> dict:
     return {"model": model, "prompts": ps, "max_tokens": MAX_TOKENS, "url": url, **kw}
 
 
-def corrupt_slot(service, ns: Namespace, block_bytes: int, key: bytes) -> None:
-    with service.client() as client:
-        acq = client.acquire(ns.id, [key])
-        info = client.register(ns, block_bytes)
-        with ArenaView.open(info.arena["path"]) as arena:
-            view = arena.payload(acq.slots[0], acq.lengths[0])
-            view[10:18] = bytes(8) if bytes(view[10:18]) != bytes(8) else b"\xff" * 8
-            del view
-        client.release(acq.lease)
-
-
 def test_corrupt_first_block_is_recomputed_without_a_livelock(tiny_llama, service, tmp_path):
     (prompt,) = prompts(1, 4, seed=11)
     ref = run_engine(spec(tiny_llama.path, [prompt]), tmp_path / "ref.log")
     store = run_engine(spec(tiny_llama.path, [prompt], service.url), tmp_path / "store.log")
     ns = Namespace.from_dict(store["worker"]["namespace"])
-    corrupt_slot(service, ns, store["worker"]["block_bytes"], prefix_keys(prompt, ns.seed, 32)[0])
+    service.corrupt_arena_copy(ns, store["worker"]["block_bytes"], prefix_keys(prompt, ns.seed, 32))
     start = time.monotonic()
     res = run_engine(spec(tiny_llama.path, [prompt, prompt], service.url), tmp_path / "2.log")
     assert time.monotonic() - start < 120
