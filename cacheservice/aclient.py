@@ -105,8 +105,10 @@ class AsyncCacheClient:
     async def release(self, lease: str) -> int:
         return await self._do(Requests.release(lease))
 
-    async def reserve(self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> ReserveResult:
-        return await self._do(Requests.reserve(ns, keys, parent))
+    async def reserve(
+        self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY, chunk: bool = False
+    ) -> ReserveResult:
+        return await self._do(Requests.reserve(ns, keys, parent, chunk))
 
     async def commit(
         self,

@@ -89,8 +89,10 @@ class Requests:
         return _post("/v1/release", {"lease": lease}, lambda d: d["released"])
 
     @staticmethod
-    def reserve(ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> Call:
+    def reserve(ns: str, keys: list[bytes], parent: bytes = ROOT_KEY, chunk: bool = False) -> Call:
         body = {"ns": ns, "keys": join_keys(keys), "parent": parent}
+        if chunk:
+            body["chunk"] = True
         return _post("/v1/reserve", body, lambda d: _build(ReserveResult, d))
 
     @staticmethod

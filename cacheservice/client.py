@@ -199,8 +199,11 @@ class CacheClient:
     def release(self, lease: str) -> int:
         return self._do(Requests.release(lease))
 
-    def reserve(self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> ReserveResult:
-        return self._do(Requests.reserve(ns, keys, parent))
+    def reserve(
+        self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY, chunk: bool = False
+    ) -> ReserveResult:
+        """``chunk``: ``parent`` is a chunk's key, the root of a chunk's block chain."""
+        return self._do(Requests.reserve(ns, keys, parent, chunk))
 
     def commit(
         self,

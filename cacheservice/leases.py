@@ -138,7 +138,12 @@ class LeaseTable:
     # -- reserve / commit -------------------------------------------------------------------
 
     async def reserve(
-        self, namespace: Namespace, block_bytes: int, keys: list[bytes], parent: bytes
+        self,
+        namespace: Namespace,
+        block_bytes: int,
+        keys: list[bytes],
+        parent: bytes,
+        chunk: bool = False,
     ) -> ReserveResult:
         lease = self._new(self.deadline(None))
         seen: set[bytes] = set()
@@ -153,7 +158,9 @@ class LeaseTable:
             return ReserveResult("", [None] * len(keys))
         # A chain whose parent is neither the root nor stored nor being written can never be
         # reached by a prefix lookup (the writer missed a block): it must not evict anything.
-        anchored = parent == ROOT_KEY or parent in self.reserving or self.slots.is_stored(parent)
+        # A chunk's chain hangs off its chunk key, which the chunk index (not the tree) finds.
+        anchored = chunk or parent == ROOT_KEY or parent in self.reserving
+        anchored = anchored or self.slots.is_stored(parent)
         granted = await self.slots.reserve(len(new), [parent, *keys], evict=anchored)
         lease.slots = [None] * len(keys)
         lease.metas = [None] * len(keys)

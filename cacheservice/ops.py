@@ -38,7 +38,7 @@ async def release(svc: CacheService, f: Fields) -> dict:
 
 
 async def reserve(svc: CacheService, f: Fields) -> dict:
-    r = await svc.reserve(f.ns(), f.keys(), f.parent())
+    r = await svc.reserve(f.ns(), f.keys(), f.parent(), f.boolean("chunk", False))
     return {"lease": r.lease, "slots": list(r.slots)}
 
 

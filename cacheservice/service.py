@@ -191,11 +191,17 @@ class CacheService:
         or already expired lease releases nothing."""
         return self.leases.release(lease)
 
-    async def reserve(self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY) -> ReserveResult:
+    async def reserve(
+        self, ns: str, keys: list[bytes], parent: bytes = ROOT_KEY, chunk: bool = False
+    ) -> ReserveResult:
+        """``chunk``: ``parent`` is a chunk's key (the root of its block chain, as
+        ``register_chunk`` chains them), so the chain may evict like one from the root."""
         parent = self._key(parent, "parent")
+        if chunk and parent == ROOT_KEY:
+            raise BadRequest("chunk: true needs parent = the chunk's key (index.hashing.chunk_key)")
         keys = self._keys(keys, parent=parent)
         namespace, block_bytes = self.namespaces.get(ns)
-        return await self.leases.reserve(namespace, block_bytes, keys, parent)
+        return await self.leases.reserve(namespace, block_bytes, keys, parent, chunk)
 
     async def commit(
         self,

@@ -1,10 +1,13 @@
 """Chunk KV through the cache service: pack a chunk's per-layer K/V into fixed-size blocks,
 register it under its chunk key, and find it again from any prompt that contains it.
 
-Reads go through the service's shared-memory arena when this process can map it (the service
-on this host): acquire pins the blocks' slots, each payload is copied out of its slot and the
-copy is checked against the block's xxh3 (the bytes used are the bytes verified), then the lease
-is released. A remote service, or blocks the arena does not hold, are read as HTTP bodies.
+Chunk bytes go through the service's shared-memory arena when this process can map it (the
+service on this host), as prefix blocks do. A save reserves slots for the chunk's blocks
+(chained from the chunk key), packs the KV straight into them, commits them with their
+checksums and then registers the chunk. A read acquire pins the blocks' slots, each payload is
+copied out of its slot and the copy is checked against the block's xxh3 (the bytes used are
+the bytes verified), then the lease is released. A remote service, blocks the arena does not
+hold, or a save the arena had no room for travel as HTTP bodies.
 
 Block payload layout (one block = ``block_tokens`` chunk tokens, the last one zero padded):
 ``[layer][K, V][token][kv_head][head_dim]`` in the namespace dtype, little-endian. Keys are
@@ -26,7 +29,7 @@ from cacheservice.arena import ArenaClient
 from cacheservice.errors import BadRequest, ServiceUnavailable
 from connectors.blend.chunking import Chunk
 from connectors.blend.recompute import ChunkKV
-from index.hashing import Namespace, chunk_block_keys, chunk_key
+from index.hashing import Namespace, chunk_block_keys, chunk_key, spot_checksum
 
 if TYPE_CHECKING:  # the client module pulls in the whole service; connectors need only a client
     from cacheservice.client import CacheClient
@@ -57,6 +60,12 @@ class KVLayout:
 
 
 def pack(chunk: ChunkKV, layout: KVLayout) -> bytes:
+    return pack_blocks(chunk, layout).view(torch.uint8).numpy().tobytes()
+
+
+def pack_blocks(chunk: ChunkKV, layout: KVLayout) -> torch.Tensor:
+    """The chunk's blocks, ``[blocks, block_bytes / item]`` in the payload layout (a new
+    tensor)."""
     n, bt = chunk.tokens.shape[0], layout.block_tokens
     nb = -(-n // bt)
     kv = torch.stack([torch.stack((k, v)) for k, v in zip(chunk.keys, chunk.values, strict=True)])
@@ -65,7 +74,7 @@ def pack(chunk: ChunkKV, layout: KVLayout) -> bytes:
     pad = kv.new_zeros((layout.num_layers, 2, nb * bt - n, layout.kv_heads, layout.head_dim))
     kv = torch.cat((kv, pad), dim=2).to(layout.torch_dtype)
     blocks = kv.view(layout.num_layers, 2, nb, bt, -1).permute(2, 0, 1, 3, 4).contiguous()
-    return blocks.view(torch.uint8).numpy().tobytes()
+    return blocks.view(nb, -1)
 
 
 def unpack(
@@ -102,7 +111,7 @@ class ChunkStore:
                 self._arena = ArenaClient(path)
             except (OSError, ValueError, ServiceUnavailable):
                 self._arena = None  # another host's service: HTTP bodies
-        self.stats = {"arena_reads": 0, "http_reads": 0}
+        self.stats = {"arena_reads": 0, "http_reads": 0, "arena_saves": 0, "http_saves": 0}
 
     def close(self) -> None:
         if self._arena is not None:
@@ -112,18 +121,52 @@ class ChunkStore:
         return chunk_key(tokens.tolist(), self.seed)
 
     def save(self, chunk: ChunkKV) -> bool:
+        """Store and register ``chunk``; False when the service is down or could not keep it."""
         toks = chunk.tokens.tolist()
+        key, n = self.key(chunk.tokens), len(toks)
         keys = chunk_block_keys(toks, self.seed, self.layout.block_tokens)
+        blocks = pack_blocks(chunk, self.layout).view(torch.uint8).numpy()
         try:
-            return self.client.register_chunk(
-                self.ns_id, self.key(chunk.tokens), len(toks), chunk.start_pos, keys,
-                pack(chunk, self.layout),
-            )  # fmt: skip
+            if self._arena is not None:
+                self._write_slots(key, keys, blocks)
+                if self.client.register_chunk(self.ns_id, key, n, chunk.start_pos, keys):
+                    self.stats["arena_saves"] += 1
+                    return True
+            # no arena, or it could not take every block: the body goes through lower tiers
+            ok = self.client.register_chunk(self.ns_id, key, n, chunk.start_pos, keys, blocks)
+            self.stats["http_saves"] += ok
+            return ok
         except ServiceUnavailable:
             return False
 
-    def load(self, tokens: torch.Tensor, chunks: Sequence[Chunk]) -> dict[bytes, ChunkKV | None]:
-        """Chunk KV for each of ``chunks`` (spans of ``tokens``), None for a miss."""
+    def _write_slots(self, key: bytes, keys: list[bytes], blocks: np.ndarray) -> None:
+        """Copy the blocks the service lacks into slots reserved for them and commit them."""
+        assert self._arena is not None, "only with a mapped arena"
+        res = self.client.reserve(self.ns_id, keys, key, chunk=True)
+        if not res.lease:
+            return  # every block held already, or no room: register_chunk tells which
+        view, n = self._arena.current(), self.layout.block_bytes
+        slots = res.slots[: len(keys)]
+        sums: list[int | None] = []
+        spots: list[int | None] = []
+        for i, slot in enumerate(slots):
+            if slot is None:
+                sums.append(None)
+                spots.append(None)
+                continue
+            dst = np.frombuffer(view.payload(slot, n), dtype=np.uint8)
+            np.copyto(dst, blocks[i])
+            # the full hash is what readers verify; the service checks only the spots
+            sums.append(xxhash.xxh3_64_intdigest(dst))
+            spots.append(spot_checksum(dst))
+        self.client.commit(res.lease, [s is not None for s in slots], sums, spots)
+
+    def load(
+        self, tokens: torch.Tensor, chunks: Sequence[Chunk], strict: bool = False
+    ) -> dict[bytes, ChunkKV | None]:
+        """Chunk KV for each of ``chunks`` (spans of ``tokens``), None for a miss. A service
+        that fails midway gives misses for the rest, or raises ServiceUnavailable if
+        ``strict`` (a caller that must tell a failing service from a miss)."""
         out: dict[bytes, ChunkKV | None] = {c.key: None for c in chunks}
         try:
             entries = self.client.lookup_chunks(self.ns_id, [c.key for c in chunks])
@@ -134,7 +177,8 @@ class ChunkStore:
                 if data is not None:
                     out[c.key] = unpack(tokens[c.start : c.end], e.start_pos, data, self.layout)
         except ServiceUnavailable:
-            pass
+            if strict:
+                raise
         return out
 
     def _read(self, keys: list[bytes]) -> bytes | bytearray | None:

@@ -80,6 +80,32 @@ def test_a_write_after_a_gap_evicts_nothing(make_service, how: str) -> None:
         assert c.exists(ns.id, tail) == 0
 
 
+def test_a_chunk_chain_reserved_into_a_full_arena_evicts_older_blocks(make_service) -> None:
+    """A chunk's blocks chain from its chunk key, which no prefix tree holds: reserved with
+    ``chunk=True`` they may evict older unpinned blocks (a chunk registered afterwards is
+    reachable through the chunk index); the same chain without the flag evicts nothing."""
+    from index.hashing import chunk_block_keys, chunk_key
+
+    svc = make_service(extra=no_disk(ARENA_SLOTS))
+    with svc.client() as c:
+        ns = make_namespace()
+        seed = c.register(ns, BLOCK_BYTES).seed
+        old = make_prefix_keys(ns, ARENA_SLOTS, seed=7)
+        store(c, ns.id, old, make_payloads(ARENA_SLOTS, seed=7), 16, "reserve")
+        tokens = list(range(1000, 1000 + 16 * 8))
+        key, keys = chunk_key(tokens, seed), chunk_block_keys(tokens, seed, 16)
+        assert c.reserve(ns.id, keys, parent=key).lease == "", "no flag: a gap, no eviction"
+        r = c.reserve(ns.id, keys, parent=key, chunk=True)
+        assert r.lease and all(s is not None for s in r.slots)
+        assert c.commit(r.lease) == len(keys)
+        assert c.register_chunk(ns.id, key, len(tokens), 3, keys)
+        (entry,) = c.lookup_chunks(ns.id, [key])
+        assert entry is not None and entry.keys == keys and entry.resident
+        assert c.stats()["evictions"] == len(keys)
+        with pytest.raises(Exception, match="chunk's key"):
+            c.reserve(ns.id, keys, parent=ROOT_KEY, chunk=True)
+
+
 def load_trace(path: Path) -> list[list[bytes]]:
     with path.open() as f:
         ids = [json.loads(line)["hash_ids"] for line in f]

@@ -82,9 +82,9 @@ def test_chunks_through_the_service_feed_a_blended_prefill(tiny, musique, servic
 
 
 def test_reads_go_through_the_arena_and_a_lying_slot_is_never_used(tiny, musique, make_service):
-    """Same host: chunk bytes come out of the arena, not HTTP bodies. A slot whose bytes no
-    longer match its checksum is not used: the read falls back to HTTP, where the service
-    drops the bad copy and serves the disk tier's."""
+    """Same host: chunk bytes go into and come out of the arena, not HTTP bodies. A slot whose
+    bytes no longer match its checksum is not used: the read falls back to HTTP, where the
+    service drops the bad copy and serves the disk tier's."""
     from cacheservice.client import CacheClient
     from connectors.blend.chunking import from_spans
     from connectors.blend.store import ChunkStore
@@ -104,8 +104,13 @@ def test_reads_go_through_the_arena_and_a_lying_slot_is_never_used(tiny, musique
         chunks = from_spans(prompt, [(1, 41)], store.seed)
         (a,) = store.load(prompt, chunks).values()
         (b,) = plain.load(prompt, chunks).values()
-        assert store.stats == {"arena_reads": 1, "http_reads": 0}
-        assert plain.stats == {"arena_reads": 0, "http_reads": 1}
+        assert store.stats == {
+            "arena_reads": 1,
+            "http_reads": 0,
+            "arena_saves": 1,
+            "http_saves": 0,
+        }, "no chunk byte went through an HTTP body"
+        assert plain.stats == {"arena_reads": 0, "http_reads": 1, "arena_saves": 0, "http_saves": 0}
         for x, y, z in zip(
             a.keys + a.values, b.keys + b.values, ref.keys + ref.values, strict=True
         ):
@@ -118,3 +123,28 @@ def test_reads_go_through_the_arena_and_a_lying_slot_is_never_used(tiny, musique
     assert c is not None, "the disk tier's copy serves it"
     for x, z in zip(c.keys + c.values, ref.keys + ref.values, strict=True):
         assert torch.equal(x, z), "never the corrupt bytes"
+
+
+def test_a_save_the_arena_cannot_hold_goes_as_a_body_to_the_disk_tier(make_service):
+    """Four slots, a five-block chunk: one reserve gets at most half the arena, so the chunk is
+    not whole in shared memory; the save then sends it as a body (lower tiers keep it) and
+    a read finds every block."""
+    from cacheservice.client import CacheClient
+    from connectors.blend.chunking import from_spans
+    from connectors.blend.store import ChunkStore
+    from index.hashing import Namespace
+
+    layout = KVLayout(2, 3, 4, 16)
+    svc = make_service(extra=["--arena-bytes", str(4 * (8 << 10)), "--slot-bytes", "8KiB"])
+    ns = Namespace("tiny-arena", "float32", "blend-kv-v1", 16)
+    chunk = make_chunk(80)
+    with CacheClient(svc.url) as client:
+        store = ChunkStore(client, ns, layout)
+        assert store.save(chunk)
+        assert store.stats["arena_saves"] == 0 and store.stats["http_saves"] == 1
+        prompt = torch.cat((torch.tensor([1]), chunk.tokens, torch.tensor([2])))
+        (got,) = store.load(prompt, from_spans(prompt, [(1, 81)], store.seed)).values()
+        store.close()
+    assert got is not None and got.start_pos == chunk.start_pos
+    for a, b in zip(got.keys + got.values, chunk.keys + chunk.values, strict=True):
+        assert torch.equal(a, b)
