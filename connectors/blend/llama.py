@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from connectors.blend.attention import gqa_attention
 from connectors.blend.base import QKV, BlendLayer, BlendModel
 from connectors.blend.rope import RopeSpec, apply_rope
 
@@ -49,11 +50,8 @@ class LlamaLayer(BlendLayer):
 
     def attend_and_mlp(self, h, q, k_all, v_all, mask):
         s, w = self.s, self.w
-        rep = s.n_heads // s.n_kv_heads
-        k = k_all.repeat_interleave(rep, dim=1).transpose(0, 1)  # [H, Tk, d]
-        v = v_all.repeat_interleave(rep, dim=1).transpose(0, 1)
-        att = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask[None])
-        h = h + att.transpose(0, 1).reshape(h.shape[0], -1) @ w["wo"].T
+        att = gqa_attention(q, k_all, v_all, mask, s.head_dim**-0.5)
+        h = h + att.reshape(h.shape[0], -1) @ w["wo"].T
         x = rmsnorm(h, w["rms_ffn"], s.eps)
         return h + (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
 
@@ -74,7 +72,7 @@ class Llama(BlendModel):
         self.layers = [LlamaLayer(w, shape) for w in layer_weights]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.emb[tokens]
+        return self.emb[tokens.to(self.emb.device)]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         return rmsnorm(h, self.norm, self.shape.eps) @ self.lm_head.T

@@ -126,9 +126,9 @@ class TopRatio(Policy):
     def select(self, fresh: Deviants, is_chunk: torch.Tensor) -> torch.Tensor:
         dev = torch.zeros(is_chunk.shape[0], dtype=torch.float64)
         if self.by in ("k", "kv"):
-            dev += _deviation(fresh.k, fresh.cached_k)
+            dev += _deviation(fresh.k, fresh.cached_k).cpu()
         if self.by in ("v", "kv"):
-            dev += _deviation(fresh.v, fresh.cached_v)
+            dev += _deviation(fresh.v, fresh.cached_v).cpu()
         n = math.ceil(self.ratio * int(is_chunk.sum()))
         dev = dev.masked_fill(~is_chunk, float("-inf"))
         out = torch.zeros_like(is_chunk)

@@ -46,7 +46,8 @@ class RopeSpec:
 
 
 def _angles(spec: RopeSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ang = positions.to(torch.float64)[:, None] * spec.inv_freq()[None, :]  # [T, rot/2]
+    inv = spec.inv_freq().to(positions.device)
+    ang = positions.to(torch.float64)[:, None] * inv[None, :]  # [T, rot/2]
     return ang.cos()[:, None, :], ang.sin()[:, None, :]  # broadcast over heads
 
 
@@ -60,7 +61,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | int, spec: RopeSpec) -
         positions = torch.full((x.shape[0],), positions, dtype=torch.int64)
     if positions.shape != (x.shape[0],):
         raise BadRequest(f"positions must have shape [{x.shape[0]}], got {tuple(positions.shape)}")
-    cos, sin = _angles(spec, positions)
+    cos, sin = _angles(spec, positions.to(x.device))
     rot = spec.rot_dim
     xd = x.to(torch.float64)
     part, rest = xd[..., :rot], xd[..., rot:]

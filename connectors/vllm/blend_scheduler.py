@@ -47,7 +47,8 @@ class BlendSettings(ExtraSettings):
 
     url: str = DEFAULT_URL
     token: str | None = None
-    timeout_s: float = 2.0  # any one control-plane call
+    timeout_s: float = 2.0  # any one control-plane call off the step (the scheduler's lookups)
+    step_timeout_s: float = 1.0  # a worker call inside an engine step (chunk fetch and save)
     lookup_wait_s: float = 0.02  # how long one scheduler step waits for a chunk lookup
     lookup_timeout_s: float = 0.5  # a lookup not answered by then is a miss
     retry_s: float = 2.0  # after a failed call, the service is skipped this long

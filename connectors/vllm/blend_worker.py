@@ -2,13 +2,14 @@
 
 Saves read a computed chunk's per-token K/V out of the paged cache right after the forward
 (before vLLM can reuse the blocks) and register it under its chunk key. A load fetches the
-held chunks on a background thread; once they are in, the engine's thread (in
-``get_finished``) re-rotates and selectively recomputes the claimed prefix with the
-engine's own loaded modules (blend_prefill over engine_model.EngineModel: no second copy of
-the weights) and writes every claimed token's K/V into the request's blocks before vLLM
-schedules the request's remaining tokens. A load that
-fails for any reason reports all its blocks as load errors: vLLM recomputes them, so a
-failure costs time, never correctness.
+held chunks in ``start_load_kv`` (on the engine's thread, see async_loads.py; through the
+shared-memory arena, verified); in ``get_finished`` the engine's thread re-rotates and
+selectively recomputes the claimed prefix with the engine's own loaded modules
+(blend_prefill over engine_model.EngineModel: no second copy of the weights) and writes every
+claimed token's K/V into the request's blocks before vLLM schedules the request's remaining
+tokens. Service calls inside a step run under ``step_timeout_s`` behind the gate: a dead or
+hung service costs one timeout, then nothing. A load that fails for any reason reports all
+its blocks as load errors: vLLM recomputes them, so a failure costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ from connectors.vllm.blend_scheduler import (
     BlendShape,
     make_policy,
 )
+from connectors.vllm.dense_layout import VLLM_LAYER_VIEW, DenseLayout
 from connectors.vllm.engine_model import EngineModel, Unsupported, served_model
 
 log = logging.getLogger("cacheservice.connectors.vllm.blend")
+
+
+def on_device(chunk: ChunkKV, device: torch.device) -> ChunkKV:
+    """``chunk`` on ``device``: tokens stay where the segments are cut (the host)."""
+    keys = [k.to(device, non_blocking=True) for k in chunk.keys]
+    values = [v.to(device, non_blocking=True) for v in chunk.values]
+    return ChunkKV(chunk.tokens, chunk.start_pos, keys, values)
 
 
 def blend_segments(load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> list[Segment]:
@@ -57,7 +66,8 @@ class BlendWorker:
         handle on the served model's own modules."""
         self.s, self.shape, self.cache_dtype = settings, shape, cache_dtype
         self._attention = {n: attention[n] for n in shape.layers if n in attention}
-        self.client = CacheClient(settings.url, settings.token, timeout=settings.timeout_s)
+        # every call of this worker runs inside an engine step
+        self.client = CacheClient(settings.url, settings.token, timeout=settings.step_timeout_s)
         self.gate = Gate(settings.retry_s, self.client.health)
         geo = (len(shape.layers), shape.num_kv_heads, shape.head_size, shape.block_tokens)
         self.kv_layout = KVLayout(*geo, shape.dtype)
@@ -65,22 +75,27 @@ class BlendWorker:
         self._model: EngineModel | None = None
         self._unsupported: str | None = None
         self._layers: list[torch.Tensor] = []
-        self._paged: kvl.PagedLayout | None = None
-        self._loads: Loads[BlendLoad] = Loads("cs-blend", self._finish_load)
+        self._paged: kvl.PagedLayout | DenseLayout | None = None
+        self._loads: Loads[BlendLoad] = Loads(self._finish_load)
         self.stats = {"saved_chunks": 0, "blended_requests": 0, "failed_requests": 0}
         self.stats |= {"chunk_hits": 0, "chunk_misses": 0, "recompute_fraction": 0.0}
-        self.stats |= {"fetch_s": 0.0, "blend_s": 0.0}  # blend_s includes fetch_s
+        self.stats |= {"fetch_s": 0.0, "blend_s": 0.0}  # blend_s: re-rotate, recompute, write
         self.stats["arena_reads"] = 0  # chunk reads served from shared memory (ChunkStore)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._layers = [kv_caches[name] for name in self.shape.layers]
         first = self._layers[0]
-        isa = kvl.cpu_isa(first.dtype, self.shape.block_tokens, self.shape.head_size,
-                          self.cache_dtype)  # fmt: skip
-        self._paged = kvl.probe(self.shape.num_kv_heads, self.shape.block_tokens,
-                                self.shape.head_size, first.dtype, isa)  # fmt: skip
-        for t in self._layers:
-            self._paged.check(t)
+        geo = (self.shape.num_kv_heads, self.shape.block_tokens, self.shape.head_size)
+        if first.is_cuda:  # plain K/V vectors in the layer view vLLM declares
+            self._paged = DenseLayout(VLLM_LAYER_VIEW, *geo)
+            for t in self._layers:
+                self._paged.canonical(t)
+        else:  # the CPU kernels tile each block for their ISA: learn where elements go
+            isa = kvl.cpu_isa(first.dtype, self.shape.block_tokens, self.shape.head_size,
+                              self.cache_dtype)  # fmt: skip
+            self._paged = kvl.probe(*geo, first.dtype, isa)
+            for t in self._layers:
+                self._paged.check(t)
         # Here, not later: vLLM freezes its start-up heap right after the KV caches exist.
         try:
             self._model = EngineModel(served_model(self._attention), list(self.shape.layers))
@@ -103,7 +118,8 @@ class BlendWorker:
                 c = save.chunk
                 blocks = torch.tensor(save.block_ids, dtype=torch.int64)
                 pos = torch.arange(c.start, c.end, dtype=torch.int64)
-                kv = [kvl.read(t, self._paged, blocks, pos) for t in self._layers]
+                kv = [self._paged.read(t, blocks, pos) for t in self._layers]
+                kv = [kvl.TokenKV(x.k.cpu(), x.v.cpu()) for x in kv]  # packed on the host
                 tokens = torch.tensor(save.tokens, dtype=torch.int64)
                 chunk = ChunkKV(tokens, c.start, [x.k for x in kv], [x.v for x in kv])
                 self.stats["saved_chunks"] += int(self._chunk_store().save(chunk))
@@ -115,16 +131,24 @@ class BlendWorker:
     # -- loads ----------------------------------------------------------------------------
 
     def _fetch(self, load: BlendLoad) -> dict[bytes, ChunkKV | None]:
-        """On the load thread: the held chunks' KV (slow tiers and the network live here)."""
+        """The held chunks' KV; raises (the load then fails: vLLM recomputes) while the
+        service is failing, and a failure closes the gate for the requests after it."""
+        if not self.gate.open:
+            raise ServiceUnavailable("cacheservice is failing: the claimed prefix is recomputed")
         start = time.perf_counter()
         tokens = torch.tensor(load.tokens, dtype=torch.int64)
-        cached = self._chunk_store().load(tokens, load.chunks)
-        self.stats["fetch_s"] += time.perf_counter() - start
+        try:
+            cached = self._chunk_store().load(tokens, load.chunks, strict=True)
+        except ServiceUnavailable as e:
+            self.gate.failed(e)
+            raise
+        finally:
+            self.stats["fetch_s"] += time.perf_counter() - start
         self.stats["arena_reads"] = self._chunk_store().stats["arena_reads"]
         return cached
 
     def _blend(self, load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> None:
-        """On the engine's thread, between steps: a second thread computing beside vLLM's
+        """On the engine's thread, between forwards: a second thread computing beside vLLM's
         pinned CPU threads runs some hundred times slower than the same work done here."""
         start = time.perf_counter()
         if self._model is None:
@@ -132,6 +156,9 @@ class BlendWorker:
         hits = sum(v is not None for v in cached.values())
         self.stats["chunk_hits"] += hits
         self.stats["chunk_misses"] += len(cached) - hits
+        device = self._layers[0].device
+        if device.type != "cpu":  # chunks arrive in host memory
+            cached = {k: None if c is None else on_device(c, device) for k, c in cached.items()}
         with torch.no_grad():
             segs, policy = blend_segments(load, cached), make_policy(load.policy)
             res = blend_prefill(self._model, segs, policy, logits=False)
@@ -140,13 +167,17 @@ class BlendWorker:
         pos = torch.arange(n, dtype=torch.int64)
         for i, t in enumerate(self._layers):
             kv = kvl.TokenKV(res.kv.keys[i][:n], res.kv.values[i][:n])
-            kvl.write(t, self._paged, blocks, pos, kv)
+            self._paged.write(t, blocks, pos, kv)
         self.stats["recompute_fraction"] = res.recompute_fraction
         self.stats["blend_s"] += time.perf_counter() - start
 
     def _finish_load(self, load: BlendLoad, fut: Future) -> tuple[int, ...]:
         try:
             self._blend(load, fut.result())
+        except ServiceUnavailable as e:
+            log.warning("blend of %s skipped, recomputing: %s", load.req_id, e)
+            self.stats["failed_requests"] += 1
+            return load.block_ids
         except Exception:  # no blend is better than a wrong one: vLLM recomputes
             log.exception("blend of %s failed, recomputing", load.req_id)
             self.stats["failed_requests"] += 1

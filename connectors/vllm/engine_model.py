@@ -29,6 +29,7 @@ import gc
 import torch
 import torch.nn.functional as F
 
+from connectors.blend.attention import gqa_attention
 from connectors.blend.base import QKV, BlendLayer, BlendModel
 from connectors.blend.rope import RopeSpec
 
@@ -112,6 +113,7 @@ class EngineLayer(BlendLayer):
 
     def qkv(self, h: torch.Tensor, positions: torch.Tensor) -> QKV:
         a = self.a
+        positions = positions.to(h.device)  # blend_prefill keeps its bookkeeping on the host
         qkv = _out(a.qkv_proj(self.m.input_layernorm(h)))
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         # vLLM's rotary kernel rotates in place: hand it copies the caller may keep
@@ -121,13 +123,8 @@ class EngineLayer(BlendLayer):
         return QKV(q.view(-1, self.n_heads, d), k.view(-1, n_kv, d), v.reshape(-1, n_kv, d))
 
     def attend_and_mlp(self, h, q, k_all, v_all, mask):
-        rep = self.n_heads // self.n_kv
-        k = k_all.to(q.dtype).repeat_interleave(rep, dim=1).transpose(0, 1)  # [H, Tk, d]
-        v = v_all.to(q.dtype).repeat_interleave(rep, dim=1).transpose(0, 1)
-        att = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k, v, attn_mask=mask[None], scale=self.scale
-        )
-        h = h + _out(self.a.o_proj(att.transpose(0, 1).reshape(h.shape[0], -1)))
+        att = gqa_attention(q, k_all, v_all, mask, self.scale)
+        h = h + _out(self.a.o_proj(att.reshape(h.shape[0], -1)))
         return h + self.m.mlp(self.m.post_attention_layernorm(h))
 
 
@@ -153,7 +150,8 @@ class EngineModel(BlendModel):
         self._lm_head = getattr(getattr(root, "lm_head", None), "weight", None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed_tokens(tokens)
+        weight = getattr(self.inner.embed_tokens, "weight", None)
+        return self.inner.embed_tokens(tokens if weight is None else tokens.to(weight.device))
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Logits, for references and quality checks: a blend in the engine asks for the KV only

@@ -41,6 +41,16 @@ class PagedLayout:
     k_index: torch.Tensor  # [block_size, num_kv_heads, head_size] int64
     v_index: torch.Tensor
 
+    def read(
+        self, layer: torch.Tensor, block_ids: torch.Tensor, positions: torch.Tensor
+    ) -> TokenKV:
+        return read(layer, self, block_ids, positions)
+
+    def write(
+        self, layer: torch.Tensor, block_ids: torch.Tensor, positions: torch.Tensor, kv: TokenKV
+    ) -> None:
+        write(layer, self, block_ids, positions, kv)
+
     def check(self, layer: torch.Tensor) -> None:
         want = (self.num_kv_heads, self.block_size, 2 * self.head_size)
         if tuple(layer.shape[1:]) != want or layer.dtype != self.dtype:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from connectors.blend import llama2c
+from connectors.blend.chunking import from_spans
 from tests.connectors.vllm.blend_support import (
     make_blend_llama,
     make_tokens,
@@ -198,6 +199,46 @@ def test_failed_blend_reports_its_blocks_and_writes_nothing(tmp_path: Path):
     worker.close()
     assert done == {"r"} and worker.take_load_errors() == {1, 3}
     assert worker.stats["failed_requests"] == 1 and not bool(cache.any())
+
+
+def test_a_hung_service_costs_one_step_timeout_then_nothing(tmp_path: Path):
+    """The chunk fetch runs inside the engine step: a service that hangs after the
+    scheduler's lookup costs the first load one ``step_timeout_s``; the gate then fails
+    the next loads without a call. Every claimed block is handed back to vLLM."""
+    import signal
+    import time
+
+    import torch
+
+    from connectors.vllm.blend_scheduler import BlendLoad, BlendMeta, BlendSettings, BlendShape
+    from connectors.vllm.blend_worker import BlendWorker
+    from index.hashing import Namespace
+
+    svc = start_blend_service(tmp_path / "service")
+    ns = Namespace("hung", "float32", "test", 32)
+    shape = BlendShape(ns, str(tmp_path / "hung"), ("l0",), 2, 32, 32, "float32")
+    worker = BlendWorker(BlendSettings(url=svc.url, step_timeout_s=0.3), shape, "auto", {})
+    worker.register_kv_caches({"l0": torch.zeros((4, 2, 32, 64))})
+    policy = {"policy": "first_k", "first_k": 4, "ratio": 0.1, "select_layer": 1}
+    chunk = from_spans(list(range(65)), [(0, 64)], seed=1)
+    spent = []
+    try:
+        worker._chunk_store()  # registered while healthy, as after earlier requests
+        svc.proc.send_signal(signal.SIGSTOP)
+        for i in range(3):
+            load = BlendLoad(f"r{i}", tuple(range(65)), 64, tuple(chunk), (3, 1), policy)
+            start = time.perf_counter()
+            worker.start_load_kv(BlendMeta(loads=[load]))
+            assert worker.get_finished() == {f"r{i}"}, "a failed load finishes in its step"
+            spent.append(time.perf_counter() - start)
+            assert worker.take_load_errors() == {1, 3}
+    finally:
+        svc.proc.send_signal(signal.SIGCONT)
+        worker.close()
+        svc.stop()
+    assert 0.25 < spent[0] < 1.0, spent
+    assert max(spent[1:]) < 0.005, spent
+    assert worker.stats["failed_requests"] == 3 and worker.stats["blended_requests"] == 0
 
 
 def test_lookup_never_blocks_the_step_loop(model, tmp_path: Path):
