@@ -11,7 +11,7 @@ passages in other orders. Every method is compared with a full prefill of the sa
     recomp     recomputed chunk tokens / chunk tokens
     layers     chunk (token, layer) evaluations / (chunk tokens x layers)
 
-Run: python benchmarks/bench_blend.py [--questions 40] [--passages 3]
+Run: python benchmarks/bench_blend_llama2c.py [--questions 40] [--passages 3]
 Exits 1 when a recompute method is not closer to full prefill than plain reuse.
 """
 

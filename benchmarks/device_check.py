@@ -77,8 +77,8 @@ def blend_check() -> dict:
                 Segment(c1, encode_chunk(m, c1, head)), Segment(q)]  # fmt: skip
         results[name] = blend_prefill(m, segs, TopRatio(0.15, 1))
     a, b = results["cpu"], results["cuda"]
-    kv = max(float((x - y.cpu()).abs().max()) for x, y in zip(a.kv.keys + a.kv.values,
-                                                                b.kv.keys + b.kv.values))  # fmt: skip
+    pairs = zip(a.kv.keys + a.kv.values, b.kv.keys + b.kv.values, strict=True)
+    kv = max(float((x - y.cpu()).abs().max()) for x, y in pairs)
     return {"same_rows": bool(torch.equal(a.recomputed, b.recomputed.cpu())), "kv_max_diff": kv,
             "logits_max_diff": float((a.logits - b.logits.cpu()).abs().max())}  # fmt: skip
 
@@ -111,6 +111,11 @@ def gib_s(fn, nbytes: int, reps: int = 5) -> float:
     return nbytes / best / 2**30
 
 
+def copy_on(stream: torch.cuda.Stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+
+
 def bandwidth_check(gib: float) -> dict:
     n = int(gib * 2**30)
     gpu = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
@@ -123,24 +128,17 @@ def bandwidth_check(gib: float) -> dict:
         registered = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), n, 0)) == 0
         side = torch.cuda.Stream()
 
-        def to_arena():
-            with torch.cuda.stream(side):
-                arena.copy_(gpu, non_blocking=True)
-
-        def from_arena():
-            with torch.cuda.stream(side):
-                back.copy_(arena, non_blocking=True)
-
         out = {"arena_registered": registered,
-               "d2h_arena": gib_s(to_arena, n), "h2d_arena": gib_s(from_arena, n),
+               "d2h_arena": gib_s(lambda: copy_on(side, arena, gpu), n),
+               "h2d_arena": gib_s(lambda: copy_on(side, back, arena), n),
                "d2h_pinned": gib_s(lambda: pinned.copy_(gpu, non_blocking=True), n),
                "h2d_pinned": gib_s(lambda: back.copy_(pinned, non_blocking=True), n)}  # fmt: skip
-        from_arena()
+        copy_on(side, back, arena)
         torch.cuda.synchronize()
         out["round_trip_exact"] = bool(torch.equal(back, gpu))
         if registered:
             torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
-        del arena
+        arena = None  # the tensor holds the map's buffer: drop it before closing the map
         mm.close()
     out["d2h_ratio"] = out["d2h_arena"] / out["d2h_pinned"]
     out["h2d_ratio"] = out["h2d_arena"] / out["h2d_pinned"]

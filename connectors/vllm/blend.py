@@ -25,7 +25,9 @@ blended KV into vLLM's paged cache; vLLM then computes the rest of the prompt on
 Blended KV approximates a full prefill (quality is measured, see the tests); it is never
 stored back as a chunk. With vLLM's prefix caching on, blocks of a blended prefix could be
 reused by a later request with the same prefix: keep ``enable_prefix_caching=False`` where
-that approximation must not spread. CPU backend only (kv_layout.py).
+that approximation must not spread. Measured on vLLM's CPU backend, whose in-block tiling
+kv_layout.py learns from vLLM's own cache-write op; a CUDA cache is read and written through
+the layer view vLLM declares (dense_layout.py), written but never run on a GPU here.
 """
 
 from __future__ import annotations
