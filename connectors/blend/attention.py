@@ -28,12 +28,11 @@ def gqa_attention(
     assert rep * Hkv == H, "query heads come in equal groups per KV head"
     mask = mask.to(q.device)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    # the last key each row may see bounds the keys a step reads
-    last = torch.where(mask, torch.arange(mask.shape[1], device=mask.device), -1).amax(1)
     out = torch.empty_like(q)
     for s in range(0, Tq, ROWS):
         e = min(Tq, s + ROWS)
-        n, hi = e - s, int(last[s:e].max()) + 1
+        # the last key any of the step's rows may see bounds the keys the step reads
+        n, hi = e - s, int(mask[s:e].any(0).nonzero()[-1]) + 1
         qq = q[s:e].view(n, Hkv, rep, d).permute(1, 2, 0, 3).reshape(Hkv, rep * n, d)
         scores = torch.bmm(qq, k[:hi].permute(1, 2, 0)).mul_(scale)  # [Hkv, rep * n, hi]
         if scores.dtype in (torch.float16, torch.bfloat16):

@@ -218,10 +218,12 @@ def blend_prefill(
     active = ~is_chunk | policy.initial(offset)
     h = model.embed(tokens[active])
     keys, values, evaluated = [], [], 0
+    # the active rows change only at the selection layer: their mask is built once per set
+    rows = active.nonzero().squeeze(1)
+    mask, n_active_chunk = causal_mask(pos[rows], pos), int((active & is_chunk).sum())
     for i, layer in enumerate(model.layers):
-        rows = active.nonzero().squeeze(1)
         q, k, v = layer.qkv(h, pos[rows])
-        evaluated += int((active & is_chunk).sum())
+        evaluated += n_active_chunk
         # in the model's compute dtype: the stored KV may be the engine's (bf16)
         K, V = cached_k[i].to(k.dtype), cached_v[i].to(v.dtype)
         K = K.clone() if K is cached_k[i] else K
@@ -233,8 +235,9 @@ def blend_prefill(
             active = ~is_chunk | picked
             h, q = h[active], q[active]
             rows = active.nonzero().squeeze(1)
+            mask, n_active_chunk = causal_mask(pos[rows], pos), int((active & is_chunk).sum())
         if logits or i < L - 1:
-            h = layer.attend_and_mlp(h, q, K, V, causal_mask(pos[rows], pos))
+            h = layer.attend_and_mlp(h, q, K, V, mask)
         keys.append(K)
         values.append(V)
     return BlendResult(
@@ -242,6 +245,6 @@ def blend_prefill(
         rows=rows,
         kv=KV(keys, values, pos),
         recomputed=active,
-        recompute_fraction=int((active & is_chunk).sum()) / max(n_chunk, 1),
+        recompute_fraction=n_active_chunk / max(n_chunk, 1),
         layer_fraction=evaluated / max(n_chunk * L, 1),
     )

@@ -119,9 +119,10 @@ class BlendWorker:
                 blocks = torch.tensor(save.block_ids, dtype=torch.int64)
                 pos = torch.arange(c.start, c.end, dtype=torch.int64)
                 kv = [self._paged.read(t, blocks, pos) for t in self._layers]
-                kv = [kvl.TokenKV(x.k.cpu(), x.v.cpu()) for x in kv]  # packed on the host
                 tokens = torch.tensor(save.tokens, dtype=torch.int64)
-                chunk = ChunkKV(tokens, c.start, [x.k for x in kv], [x.v for x in kv])
+                # packed on the host (a no-op for a CPU cache)
+                keys, values = [x.k.cpu() for x in kv], [x.v.cpu() for x in kv]
+                chunk = ChunkKV(tokens, c.start, keys, values)
                 self.stats["saved_chunks"] += int(self._chunk_store().save(chunk))
             except ServiceUnavailable as e:
                 self.gate.failed(e)
@@ -174,12 +175,11 @@ class BlendWorker:
     def _finish_load(self, load: BlendLoad, fut: Future) -> tuple[int, ...]:
         try:
             self._blend(load, fut.result())
-        except ServiceUnavailable as e:
-            log.warning("blend of %s skipped, recomputing: %s", load.req_id, e)
-            self.stats["failed_requests"] += 1
-            return load.block_ids
-        except Exception:  # no blend is better than a wrong one: vLLM recomputes
-            log.exception("blend of %s failed, recomputing", load.req_id)
+        except Exception as e:  # no blend is better than a wrong one: vLLM recomputes
+            if isinstance(e, ServiceUnavailable):  # expected while the service fails
+                log.warning("blend of %s skipped, recomputing: %s", load.req_id, e)
+            else:
+                log.exception("blend of %s failed, recomputing", load.req_id)
             self.stats["failed_requests"] += 1
             return load.block_ids
         self.stats["blended_requests"] += 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cacheservice.errors import BadRequest
-from connectors.vllm.kv_layout import TokenKV
+from connectors.vllm.kv_layout import TokenKV, check_token_kv, token_slots
 
 VLLM_LAYER_VIEW = "bhnc"  # vLLM >= 0.32 (RFC #42082)
 FLASH_ATTN_LEGACY, FLASHINFER_NHD, FLASHINFER_HND = "kbnhd", "bknhd", "bkhnd"
@@ -71,10 +71,8 @@ class DenseLayout:
         return view.permute(*(axes.index(a) for a in "bnhkd"))
 
     def _slots(self, block_ids: torch.Tensor, positions: torch.Tensor, device: torch.device):
-        idx = positions // self.block_size
-        if bool((idx >= block_ids.shape[0]).any()):
-            raise BadRequest("a position lies past the request's allocated blocks")
-        return block_ids[idx].to(device), (positions % self.block_size).to(device)
+        blocks, offs = token_slots(self.block_size, block_ids, positions)
+        return blocks.to(device), offs.to(device)
 
     def read(
         self, layer: torch.Tensor, block_ids: torch.Tensor, positions: torch.Tensor
@@ -90,9 +88,7 @@ class DenseLayout:
         self, layer: torch.Tensor, block_ids: torch.Tensor, positions: torch.Tensor, kv: TokenKV
     ) -> None:
         """Store ``kv`` as the tokens at ``positions``; mutates ``layer`` only."""
-        want = (positions.shape[0], self.num_kv_heads, self.head_size)
-        if tuple(kv.k.shape) != want or tuple(kv.v.shape) != want:
-            raise BadRequest(f"K/V to write must be {want}, got {tuple(kv.k.shape)}")
+        check_token_kv(kv, positions, self.num_kv_heads, self.head_size)
         view = self.canonical(layer)
         blocks, offs = self._slots(block_ids, positions, layer.device)
         both = torch.stack((kv.k, kv.v), dim=2).to(device=layer.device, dtype=layer.dtype)

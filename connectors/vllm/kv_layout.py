@@ -102,14 +102,22 @@ def probe(
     return PagedLayout(H, bs, d, dtype, k_index.view(bs, H, d), v_index.view(bs, H, d))
 
 
-def _slots(
-    layout: PagedLayout, block_ids: torch.Tensor, positions: torch.Tensor
+def token_slots(
+    block_size: int, block_ids: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    bs = layout.block_size
-    idx = positions // bs
+    """(engine block, offset in it) of each request token at ``positions``; ``block_ids`` are
+    the request's blocks in order."""
+    idx = positions // block_size
     if bool((idx >= block_ids.shape[0]).any()):
         raise BadRequest("a position lies past the request's allocated blocks")
-    return block_ids[idx], positions % bs
+    return block_ids[idx], positions % block_size
+
+
+def check_token_kv(kv: TokenKV, positions: torch.Tensor, heads: int, head_size: int) -> None:
+    """K/V handed to a write must hold one [heads, head_size] row per position."""
+    want = (positions.shape[0], heads, head_size)
+    if tuple(kv.k.shape) != want or tuple(kv.v.shape) != want:
+        raise BadRequest(f"K/V to write must be {want}, got {tuple(kv.k.shape)}")
 
 
 def read(
@@ -118,7 +126,7 @@ def read(
     """K/V of the request tokens at ``positions``; ``block_ids`` are the request's blocks in
     order. Returns new tensors."""
     layout.check(layer)
-    blocks, offs = _slots(layout, block_ids, positions)
+    blocks, offs = token_slots(layout.block_size, block_ids, positions)
     pages = layer.view(layer.shape[0], -1)
     rows = blocks[:, None, None]
     return TokenKV(pages[rows, layout.k_index[offs]], pages[rows, layout.v_index[offs]])
@@ -133,10 +141,8 @@ def write(
 ) -> None:
     """Store ``kv`` ([T, H, d] each) as the tokens at ``positions``; mutates ``layer`` only."""
     layout.check(layer)
-    want = (positions.shape[0], layout.num_kv_heads, layout.head_size)
-    if tuple(kv.k.shape) != want or tuple(kv.v.shape) != want:
-        raise BadRequest(f"K/V to write must be {want}, got {tuple(kv.k.shape)}")
-    blocks, offs = _slots(layout, block_ids, positions)
+    check_token_kv(kv, positions, layout.num_kv_heads, layout.head_size)
+    blocks, offs = token_slots(layout.block_size, block_ids, positions)
     pages = layer.view(layer.shape[0], -1)
     rows = blocks[:, None, None]
     pages[rows, layout.k_index[offs]] = kv.k.to(layer.dtype)
