@@ -5,9 +5,10 @@ beside the memcpy limit measured in the same run:
 
 KV is Llama-3.1-8B-shaped bf16 (32 layers, 8 KV heads, head_dim 128: 128 KiB per token) in a
 block-major paged cache like vLLM's. Store = the worker's ``wait_for_save`` (reserve over HTTP,
-copy each layer into the arena slots) plus its commit (xxh3 of every slot, HTTP commit), until
-``flush`` returns. Retrieve = ``start_load_kv`` (acquire over HTTP, xxh3 verify, copy each
-layer into engine blocks) until every layer has landed. Hashing the prompt into keys is timed
+copy every layer into the arena slots, xxh3 of each tile as it is copied) plus its commit (spot
+checksums, HTTP commit), until ``flush`` returns. Retrieve = ``start_load_kv`` (acquire over
+HTTP, copy every layer into engine blocks, xxh3 of each tile as it lands, compared with the
+writer's) until every layer has landed. Hashing the prompt into keys is timed
 inside both (``prefix_keys``, as the scheduler does). The limit is one ``np.copyto`` of the
 same bytes between two touched buffers. Each case is the median of ``--reps`` interleaved runs
 (limit, store, retrieve), each run on fresh keys; the service has the host tier only (no

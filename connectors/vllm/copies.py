@@ -1,28 +1,17 @@
-"""Whole-block copies between vLLM's paged KV cache and the service's arena, one layer at a
-time (so a load can hand each layer to vLLM as it lands), each layer in as few torch calls as
-the block ids allow.
+"""Whole-block copies between vLLM's paged KV cache and the service's arena, through torch:
+the layout both sides share, a GPU cache's staging (transfer.py) and a per-block fallback.
 
 A block's payload in the arena is the concatenation of that block's bytes in every layer, in
 layer order; a layer's block is copied as opaque bytes (the CPU backend's transposed key tiles
 included). Both sides are viewed as byte matrices: the cache of layer l as ``[num_blocks,
 layer_bytes]`` (vLLM's layer views are block-major, each block one dense page) and the arena as
-``[num_slots, layers, layer_bytes]`` rows ``slot_bytes`` apart. A layout whose blocks are not
+``[num_slots, layers, layer_bytes]`` rows ``slot_bytes`` apart. Per layer, blocks whose slots
+and engine ids both run consecutively move as one strided copy; a layout whose blocks are not
 dense pages falls back to one copy per block and layer.
 
-Per layer, blocks whose slots and engine ids both run consecutively move as one strided copy
-(a fresh request's blocks and a chain's slots usually do: one call per layer per request);
-scattered ids move as one gather and one scatter (``index_select`` / ``index_copy_``). Few
-calls matter more than the extra pass: every torch call releases and retakes the GIL, and a
-thread retaking it from an engine thread that polls its step loop waits up to the interpreter's
-switch interval (5 ms) each time — per-block copies made a 4K-token hit 40x slower than its
-memcpy.
-
-A CPU cache's runs move with ``np.copyto`` on the same memory: one thread, the GIL released,
-no intra-op pool. torch's copy splits a large copy over its pool and waits for the slowest
-part, so a neighbour holding one of two cores (a hashing thread, another process) halved it
-(measured: 6.6 -> 3.0 GiB/s beside one hashing thread, numpy 5.3 -> 4.3). With numpy, runs
-stay runs up to many per layer (each still moves ``_RUN_BYTES`` or more on average): the
-gather + scatter makes two passes through a temporary.
+A CPU cache with dense pages does not copy here: host_copy.py moves it with numpy on two
+threads and checksums each tile while it is cached, from the same byte matrices
+(``rows_np``, ``host_slots_np``).
 """
 
 from __future__ import annotations
@@ -35,14 +24,9 @@ import torch
 from cacheservice.arena import ArenaView
 from tiers.base import HEADER_BYTES
 
-_MAX_RUNS = 4  # beyond this many runs, one gather + one scatter beats a call per run...
-_RUN_BYTES = 256 * 1024  # ...unless (numpy, CPU) runs average this much per layer
-
 
 class CopyPlan(NamedTuple):
     runs: list[tuple[int, int, int]]  # (first slot, first engine block, count), in order
-    slot_index: torch.Tensor | None  # set when the runs are too many: gather/scatter instead
-    block_index: torch.Tensor | None
 
     def pairs(self) -> tuple[list[int], list[int]]:
         """(slots, engine blocks), one entry per block, in order."""
@@ -74,10 +58,14 @@ class BlockCopier:
         rows = [_as_rows(t, layer_bytes) for t in layers]
         self.rows: list[torch.Tensor] | None = None if any(r is None for r in rows) else rows
         self._arena: tuple[int, torch.Tensor] | None = None  # (id(view), its byte matrix)
-        on_cpu = self.rows is not None and not layers[0].is_cuda
-        # numpy views of the same memory: runs copied without torch's intra-op pool
-        self._np_rows = [r.numpy() for r in self.rows] if on_cpu and self.rows else None
         self._grid_np: tuple[torch.Tensor, np.ndarray] | None = None
+
+    @property
+    def rows_np(self) -> list[np.ndarray] | None:
+        """numpy views of a CPU cache's dense rows (None on a GPU or without dense pages)."""
+        if self.rows is None or self.layers[0].is_cuda:
+            return None
+        return [r.numpy() for r in self.rows]
 
     def host_slots(self, arena: ArenaView) -> torch.Tensor:
         """The arena's payloads as ``[num_slots, layers, layer_bytes]`` (a view, no copy)."""
@@ -91,7 +79,8 @@ class BlockCopier:
             self._arena = (id(arena), grid)
         return self._arena[1]
 
-    def _host_slots_np(self, arena: ArenaView) -> np.ndarray:
+    def host_slots_np(self, arena: ArenaView) -> np.ndarray:
+        """``host_slots`` as a numpy array (the same memory)."""
         grid = self.host_slots(arena)
         if self._grid_np is None or self._grid_np[0] is not grid:
             self._grid_np = (grid, grid.numpy())
@@ -109,7 +98,8 @@ class BlockCopier:
         for layer in range(len(self.layers)):
             self.copy_layer(arena, layer, plan, into_cache)
 
-    def plan(self, slots: list[int], block_ids: list[int]) -> CopyPlan:
+    @staticmethod
+    def plan(slots: list[int], block_ids: list[int]) -> CopyPlan:
         """The copies for ``slots[i] <-> block_ids[i]``, reused for every layer."""
         assert len(slots) == len(block_ids), "one engine block per slot"
         runs: list[tuple[int, int, int]] = []  # (first slot, first block, count)
@@ -118,39 +108,20 @@ class BlockCopier:
                 runs[-1] = (last[0], last[1], last[2] + 1)
             else:
                 runs.append((slot, block, 1))
-        big = self._np_rows is not None and len(slots) * self.layer_bytes >= len(runs) * _RUN_BYTES
-        if len(runs) <= _MAX_RUNS or big:
-            return CopyPlan(runs, None, None)
-        as_index = torch.tensor(slots, dtype=torch.long), torch.tensor(block_ids, dtype=torch.long)
-        return CopyPlan(runs, *as_index)
+        return CopyPlan(runs)
 
     def copy_layer(self, arena: ArenaView, layer: int, plan: CopyPlan, into_cache: bool) -> None:
-        if not plan.runs:
-            return
         if self.rows is None:
             for slot, block, n in plan.runs:
                 for i in range(n):
                     self._one(arena, layer, slot + i, block + i, into_cache)
             return
-        if self._np_rows is not None and plan.slot_index is None:
-            rows_np, grid_np = self._np_rows[layer], self._host_slots_np(arena)[:, layer]
-            for slot, block, n in plan.runs:
-                if into_cache:
-                    np.copyto(rows_np[block : block + n], grid_np[slot : slot + n])
-                else:
-                    np.copyto(grid_np[slot : slot + n], rows_np[block : block + n])
-            return
         rows, grid = self.rows[layer], self.host_slots(arena)[:, layer]
-        if plan.slot_index is None:
-            for slot, block, n in plan.runs:
-                if into_cache:
-                    rows[block : block + n].copy_(grid[slot : slot + n])
-                else:
-                    grid[slot : slot + n].copy_(rows[block : block + n])
-        elif into_cache:
-            rows.index_copy_(0, plan.block_index, grid.index_select(0, plan.slot_index))
-        else:
-            grid.index_copy_(0, plan.slot_index, rows.index_select(0, plan.block_index))
+        for slot, block, n in plan.runs:
+            if into_cache:
+                rows[block : block + n].copy_(grid[slot : slot + n])
+            else:
+                grid[slot : slot + n].copy_(rows[block : block + n])
 
     def _one(self, arena: ArenaView, layer: int, slot: int, block: int, into_cache: bool) -> None:
         payload = torch.frombuffer(

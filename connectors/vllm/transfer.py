@@ -1,18 +1,15 @@
-"""One engine step's loads, delivered layer by layer: ``wait(layer)`` returns once that layer's
-blocks are in the engine's KV cache, ``finish()`` once every layer's are (and the arena slots
-may be released).
-
-``HostLayerLoad`` (KV cache in CPU memory) copies a layer on the engine's own thread the first
-time vLLM waits for it, just before that layer's attention. A CPU engine's compute and a copy
-share the same cores, so a second thread would buy no overlap, only contention: the engine's
-intra-op pool and a loader thread's (measured 12.6 GiB/s on the engine thread vs 7-10 GiB/s
-from another thread), and GIL hand-offs with the engine's step loop.
+"""A GPU step's loads, delivered layer by layer, and a GPU step's saves, on a side stream.
 
 ``CudaLayerLoad`` (KV cache on a GPU) enqueues everything at once on a side stream — the
 verified slots' payloads host-to-device from the pinned arena (``pin_arena``), then each
 layer's scatter into the cache, an event after each — and ``wait(layer)`` makes the compute
 stream wait for that layer's event without blocking the host, so the first layers' attention
-runs while later layers are still in flight.
+runs while later layers are still in flight; ``finish()`` returns once every layer is in
+(and the arena slots may be released).
+
+A CPU cache loads whole in ``start_load_kv`` (host_copy.py, verified as it copies): its
+compute and a copy share the same cores, so loading layer by layer would buy no overlap,
+only let a layer's attention run before a later layer's checksum has been seen.
 """
 
 from __future__ import annotations
@@ -27,20 +24,6 @@ from cacheservice.arena import ArenaView
 from connectors.vllm.copies import BlockCopier, CopyPlan
 
 log = logging.getLogger("cacheservice.connectors.vllm")
-
-
-class HostLayerLoad:
-    def __init__(self, copier: BlockCopier, arena: ArenaView, plan: CopyPlan) -> None:
-        self._copier, self._arena, self._plan = copier, arena, plan
-        self._next = 0  # layers [0, _next) are in place
-
-    def wait(self, layer: int) -> None:
-        while self._next <= layer:  # also any layer vLLM did not wait for
-            self._copier.copy_layer(self._arena, self._next, self._plan, into_cache=True)
-            self._next += 1
-
-    def finish(self) -> None:
-        self.wait(len(self._copier.layers) - 1)
 
 
 class CudaLayerLoad:

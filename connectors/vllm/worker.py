@@ -5,20 +5,23 @@ A block's payload in the arena is the concatenation of that block's bytes in eve
 layer, in the layer order of the KV cache group, each layer's block copied as opaque bytes
 (the CPU backend's transposed key tiles included).
 
-Loads are synchronous and layer-wise: the request runs in the very step its blocks load (no
-extra engine steps, as an asynchronous load costs). ``start_load_kv`` acquires and verifies
-the step's blocks; each layer's copy lands by the time vLLM's ``wait_for_layer_load`` for it
-returns (transfer.py: on the engine thread for a CPU cache, on a side stream with one event
-per layer for a GPU cache, whose first layers then compute while the rest are in flight). A
-block whose checksum does not match, that the service could not produce, or that arrives while
-the service is failing is reported through vLLM's failed-block API, which recomputes from it.
+Loads are synchronous: the request runs in the very step its blocks load (no extra engine
+steps, as an asynchronous load costs). ``start_load_kv`` acquires the step's blocks. A CPU
+cache is filled there and then, every block checksummed as it lands (host_copy.py: tiles
+copied and hashed while cached, on two threads); a GPU cache's blocks are verified in the
+arena, then move on a side stream with one event per layer, so vLLM's
+``wait_for_layer_load`` lets the first layers compute while the rest are in flight
+(transfer.py). A block whose checksum does not match, that the service could not produce, or
+that arrives while the service is failing is reported through vLLM's failed-block API, which
+recomputes from it.
 Calls inside a step (acquire, reserve) run under their own short timeout (``step_timeout_s``),
 and an open gate is the only way to reach the service, so a dead or hung service costs at most
 one timeout, then nothing.
 
-Saves copy into reserved slots right after the forward, before vLLM can reuse the blocks (on a
-GPU: enqueued on the side stream), and commit them on a thread off the step, which hashes
-the slots once the copies are done; the service skips blocks it already holds.
+Saves copy into reserved slots right after the forward, before vLLM can reuse the blocks (a
+CPU cache's checksums computed by the same copy; on a GPU enqueued on the side stream, and
+hashed once the copies are done), and commit them on a thread off the step; the service
+skips blocks it already holds.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from cacheservice.client import CacheClient
 from cacheservice.errors import BadRequest, CacheServiceError, ServiceUnavailable, UnknownNamespace
 from cacheservice.results import ReserveResult
 from connectors.vllm.copies import BlockCopier
+from connectors.vllm.host_copy import HostCopier
 from connectors.vllm.scheduler import (
     CacheLayout,
     CacheServiceMeta,
@@ -45,7 +49,7 @@ from connectors.vllm.scheduler import (
     SaveSpec,
     Settings,
 )
-from connectors.vllm.transfer import CudaLayerLoad, CudaSave, HostLayerLoad, pin_arena, prefault
+from connectors.vllm.transfer import CudaLayerLoad, CudaSave, pin_arena, prefault
 from index.hashing import spot_checksum
 
 log = logging.getLogger("cacheservice.connectors.vllm")
@@ -70,9 +74,16 @@ def _digests(arena: ArenaView, slots: list[int], length: int) -> list[int]:
     return [xxhash.xxh3_64_intdigest(arena.payload(s, length)) for s in slots]
 
 
+def _leading_matches(got: list[int], want: list[int]) -> int:
+    n = 0
+    while n < len(got) and got[n] == want[n]:
+        n += 1
+    return n
+
+
 @dataclass
 class _StepLoad:
-    load: HostLayerLoad | CudaLayerLoad
+    load: CudaLayerLoad | None  # None: the copies are done (a CPU cache, loaded in place)
     loads: list[LoadSpec]
     loaded: set[int]  # engine blocks that verified and are being copied in
     leases: list[str]
@@ -89,13 +100,15 @@ class WorkerSide:
         )
         self.gate = Gate(settings.retry_s, self.client.health)
         self._copier: BlockCopier | None = None  # set by register_kv_caches
+        self._host: HostCopier | None = None  # a CPU cache with dense pages
         self._arena: ArenaClient | None = None
         self._arena_lock = threading.Lock()
         self._pinned: dict[int, bool] = {}  # id(arena view) -> registered with CUDA
         self._layer_index = {name: i for i, name in enumerate(layout.layers)}
         self._step: _StepLoad | None = None  # this step's loads, until every layer is in
         self._load_errors: set[int] = set()
-        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-verify")
+        # The second thread of a copy or of a verify, while the engine's thread does the rest.
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-copy")
         # Commits (writer checksum + HTTP) run here, in order, off the engine's step.
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-commit")
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
@@ -120,6 +133,8 @@ class WorkerSide:
         for t in storages.values():
             prefault(t)
         self._copier = BlockCopier(layers, self.layout.layer_bytes)
+        rows = self._copier.rows_np
+        self._host = None if rows is None else HostCopier(rows, self._helper)
 
     # -- the data plane -------------------------------------------------------------------
 
@@ -145,45 +160,71 @@ class WorkerSide:
 
     # -- loads ----------------------------------------------------------------------------
 
-    def _acquire(self, arena: ArenaView, spec: LoadSpec) -> tuple[str, list[int]]:
-        """Pin ``spec``'s blocks; (lease, slots of the leading blocks that verified)."""
+    def _acquire(self, spec: LoadSpec) -> tuple[str, list[int], list[int]]:
+        """Pin ``spec``'s blocks: (lease, slots of the leading blocks the service holds whole,
+        the checksums their writers gave)."""
         keys = list(spec.keys[self.rank])
         start = time.perf_counter()
         acq = self._call(self.step_client.acquire, self.ns.id, keys)
-        verify = time.perf_counter()
-        self.stats["acquire_s"] += verify - start
-        n = self.layout.block_bytes
+        self.stats["acquire_s"] += time.perf_counter() - start
         found = []
         for slot, length in zip(acq.slots[: len(keys)], acq.lengths, strict=False):
-            if length != n:
+            if length != self.layout.block_bytes:
                 break
             found.append(slot)
-        # xxh3 releases the GIL: the halves hash on two cores while this thread waits.
-        half = len(found) // 2 if len(found) >= 8 else 0
-        rest = self._verifier.submit(_digests, arena, found[half:], n) if half else None
-        sums = _digests(arena, found[:half] if half else found, n)
-        sums += rest.result() if rest else []
-        slots: list[int] = []
-        for slot, got, want in zip(found, sums, acq.checksums, strict=False):
-            if got != want:
-                log.warning("block %s failed its checksum, recomputing", keys[len(slots)].hex())
-                break
-            slots.append(slot)
-        self.stats["verify_s"] += time.perf_counter() - verify
-        return acq.lease, slots
+        return acq.lease, found, list(acq.checksums[: len(found)])
+
+    def _digests(self, arena: ArenaView, slots: list[int]) -> list[int]:
+        """xxh3_64 of the slots' payloads, in the arena (a GPU cache verifies before its
+        copies are enqueued). xxh3 releases the GIL: the halves hash on two cores."""
+        n = self.layout.block_bytes
+        half = len(slots) // 2 if len(slots) >= 8 else 0
+        rest = self._helper.submit(_digests, arena, slots[half:], n) if half else None
+        sums = _digests(arena, slots[:half] if half else slots, n)
+        return sums + (rest.result() if rest else [])
+
+    def _copy_in(self, arena: ArenaView, got: list[tuple[LoadSpec, list[int], list[int]]]):
+        """Each request's leading blocks whose bytes match their checksums go into the engine
+        (a CPU cache: now; a GPU cache: on the side stream); (the GPU load or None, the engine
+        blocks that loaded)."""
+        start = time.perf_counter()
+        slots = [s for _, found, _ in got for s in found]
+        blocks = [b for spec, found, _ in got for b in spec.block_ids[: len(found)]]
+        if self._host is not None:  # copies every block, then keeps those that verified
+            digests = self._host.load(self._copier.host_slots_np(arena), slots, blocks)
+        else:
+            digests = self._digests(arena, slots)
+        good_slots: list[int] = []
+        good_blocks: list[int] = []
+        at = 0
+        for spec, found, sums in got:
+            good = _leading_matches(digests[at : at + len(found)], sums)
+            if good < len(found):
+                key = spec.keys[self.rank][good].hex()
+                log.warning("block %s failed its checksum, recomputing", key)
+            good_slots += found[:good]
+            good_blocks += spec.block_ids[:good]
+            at += len(found)
+        self.stats["verify_s"] += time.perf_counter() - start
+        if self._host is not None:
+            return None, good_blocks
+        plan = self._copier.plan(good_slots, good_blocks)
+        if self._copier.layers[0].is_cuda:
+            return CudaLayerLoad(self._copier, arena, plan), good_blocks
+        self._copier.copy(arena, plan, into_cache=True)  # pages that are not dense
+        return None, good_blocks
 
     def _begin(self, loads: list[LoadSpec]) -> None:
-        """Acquire and verify every load of this step on the engine's thread (the step needs
-        them before its first attention layer anyway), then hand the copies to a layer load."""
+        """Acquire every load of this step on the engine's thread (the step needs them before
+        its first attention layer anyway), then copy and verify them."""
         start = time.perf_counter()
         leases: list[str] = []
-        slots: list[int] = []
-        blocks: list[int] = []
+        got: list[tuple[LoadSpec, list[int], list[int]]] = []
         try:
             arena = self._arena_view()
             for spec in loads:
                 try:
-                    lease, got = self._acquire(arena, spec)
+                    lease, found, sums = self._acquire(spec)
                 except ServiceUnavailable as e:
                     self.gate.failed(e)
                     break  # the rest would wait for the same dead service: recompute them
@@ -191,11 +232,9 @@ class WorkerSide:
                     log.error("cacheservice refused a load, recomputing: %s", e)
                     continue
                 leases += [lease] if lease else []  # an acquire that found nothing has no lease
-                slots += got
-                blocks += spec.block_ids[: len(got)]
-            load_type = CudaLayerLoad if self._copier.layers[0].is_cuda else HostLayerLoad
-            self._step = _StepLoad(load_type(self._copier, arena, self._copier.plan(slots, blocks)),
-                                   loads, set(blocks), leases)  # fmt: skip
+                got.append((spec, found, sums))
+            load, blocks = self._copy_in(arena, got)
+            self._step = _StepLoad(load, loads, set(blocks), leases)
         except ServiceUnavailable as e:  # no arena: the service went away
             self.gate.failed(e)
             self._fail(loads, leases)
@@ -231,7 +270,7 @@ class WorkerSide:
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Return once this step's loads have put this layer's blocks in place."""
         i = self._layer_index.get(layer_name)
-        if self._step is not None and i is not None:
+        if self._step is not None and self._step.load is not None and i is not None:
             start = time.perf_counter()
             try:
                 self._step.load.wait(i)
@@ -247,7 +286,8 @@ class WorkerSide:
             return
         start = time.perf_counter()
         try:
-            step.load.finish()
+            if step.load is not None:
+                step.load.finish()
         except Exception:
             log.exception("finishing a load failed, recomputing")
             self._abandon()
@@ -292,16 +332,22 @@ class WorkerSide:
         # the service publishes nothing.
         arena = self._arena_view()
         pairs = [(s, b) for s, b in zip(res.slots, spec.block_ids, strict=False) if s is not None]
-        plan = self._copier.plan([s for s, _ in pairs], [b for _, b in pairs])
-        copying = None
-        if self._copier.layers[0].is_cuda:
-            copying = CudaSave(self._copier, arena, plan)
+        slots, blocks = [s for s, _ in pairs], [b for _, b in pairs]
+        copying, sums = None, None
+        if self._host is not None:  # the copy computes the checksums
+            sums = iter(self._host.save(self._copier.host_slots_np(arena), slots, blocks))
+        elif self._copier.layers[0].is_cuda:
+            copying = CudaSave(self._copier, arena, self._copier.plan(slots, blocks))
         else:
-            self._copier.copy(arena, plan, into_cache=False)
+            self._copier.save(arena, slots, blocks)
         self.stats["copy_out_s"] += time.perf_counter() - copy
-        self._commits.submit(self._commit, arena, res, copying)
+        if sums is not None:  # back in the reserve's order, None where nothing was written
+            sums = [None if s is None else next(sums) for s in res.slots]
+        self._commits.submit(self._commit, arena, res, copying, sums)
 
-    def _commit(self, arena: ArenaView, res: ReserveResult, copying: CudaSave | None) -> None:
+    def _commit(
+        self, arena: ArenaView, res: ReserveResult, copying: CudaSave | None, sums: list | None
+    ) -> None:
         start = time.perf_counter()
         try:
             if copying is not None:
@@ -309,7 +355,8 @@ class WorkerSide:
             n = self.layout.block_bytes
             views = [None if s is None else arena.payload(s, n) for s in res.slots]
             # The full hash is what readers verify; the service checks only the spots.
-            sums = [None if v is None else xxhash.xxh3_64_intdigest(v) for v in views]
+            if sums is None:
+                sums = [None if v is None else xxhash.xxh3_64_intdigest(v) for v in views]
             spots = [None if v is None else spot_checksum(v) for v in views]
             self.stats["saved_blocks"] += self.client.commit(
                 res.lease, [s is not None for s in res.slots], sums, spots
@@ -340,6 +387,6 @@ class WorkerSide:
 
     def close(self) -> None:
         self._commits.shutdown(wait=True)  # committed blocks reach the service before exit
-        self._verifier.shutdown(wait=True)
+        self._helper.shutdown(wait=True)
         self.client.close()
         self.step_client.close()

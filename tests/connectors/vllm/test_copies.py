@@ -1,6 +1,6 @@
-"""Whole-block copies between a paged KV cache and a real arena: per layer one strided copy per
-run of consecutive ids or one gather + scatter, a per-block fallback for pages that are not
-dense; bytes land exactly where the arena format says, layer by layer on demand."""
+"""Whole-block copies through torch between a paged KV cache and a real arena: per layer one
+strided copy per run of consecutive ids, a per-block fallback for pages that are not dense;
+bytes land exactly where the arena format says."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from cacheservice.arena import ArenaView
 from connectors.vllm.copies import BlockCopier
-from connectors.vllm.transfer import HostLayerLoad, prefault
+from connectors.vllm.transfer import prefault
 from tiers.host import HostTier
 
 LAYERS, BLOCKS = 3, 10
@@ -55,62 +55,29 @@ def test_save_then_load_round_trips(arena: ArenaView, dense: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("slots", "blocks", "runs", "indexed"),
+    ("slots", "blocks", "runs"),
     [
-        ([0, 1, 2, 3], [4, 5, 6, 7], 1, False),  # a fresh request: one copy per layer
-        ([6, 7, 0, 1], [0, 1, 2, 3], 2, False),
-        ([5, 2, 7, 0, 3, 6], [1, 4, 9, 0, 2, 8], 6, True),  # scattered: gather + scatter
+        ([0, 1, 2, 3], [4, 5, 6, 7], 1),  # a fresh request: one copy per layer
+        ([6, 7, 0, 1], [0, 1, 2, 3], 2),
+        ([5, 2, 7, 0, 3, 6], [1, 4, 9, 0, 2, 8], 6),
     ],
 )
-def test_plans_and_layer_by_layer_loads(arena, slots, blocks, runs, indexed) -> None:
+def test_plans_are_runs_and_loads_touch_only_their_blocks(arena, slots, blocks, runs) -> None:
     gen = torch.Generator().manual_seed(2)
     layers = [torch.randn(BLOCKS, 2, 32, 16, generator=gen) for _ in range(LAYERS)]
     copier = BlockCopier(layers, LAYER_BYTES)
-    plan = copier.plan(slots, list(range(len(slots))))
-    assert len(plan.runs) <= len(slots)
     copier.save(arena, slots, list(range(len(slots))))
     back = [torch.zeros_like(t) for t in layers]
     assert all(prefault(t) for t in back)  # backs the pages, changes no byte
     assert not any(t.any() for t in back)
     loader = BlockCopier(back, LAYER_BYTES)
     plan = loader.plan(slots, blocks)
-    assert len(plan.runs) == runs and (plan.slot_index is not None) == indexed
-    load = HostLayerLoad(loader, arena, plan)
-    load.wait(0)  # only the first layer so far: vLLM asks layer by layer
+    assert len(plan.runs) == runs and plan.pairs() == (slots, blocks)
+    loader.copy_layer(arena, 0, plan, into_cache=True)  # one layer: only that layer moves
     assert back[0][blocks[0]].any() and not back[1].any() and not back[2].any()
-    load.finish()
+    loader.copy(arena, plan, into_cache=True)
     for i, block in enumerate(blocks):
         for t, b in zip(layers, back, strict=True):
             assert torch.equal(b[block], t[i])
     untouched = set(range(BLOCKS)) - set(blocks)
     assert not any(b[u].any() for b in back for u in untouched)
-
-
-def test_large_scattered_blocks_stay_runs_copied_by_numpy(tmp_path: Path) -> None:
-    """Pages of 512 KiB per layer: six scattered blocks are six runs (each moves far more
-    than a gather's temporary would save), copied through numpy views of the same memory;
-    bytes land exactly, in both directions."""
-    shape = (8, 2, 64, 8, 128)  # [blocks, K/V, tokens, heads, dim] float32: 512 KiB a layer
-    layer_bytes = 2 * 64 * 8 * 128 * 4
-    slot = -(-(LAYERS * layer_bytes + 64) // 4096) * 4096
-    host = HostTier(str(tmp_path / "arena"), 8 * slot, slot)
-    view = ArenaView.open(str(tmp_path / "arena"))
-    try:
-        gen = torch.Generator().manual_seed(3)
-        layers = [torch.randn(*shape, generator=gen) for _ in range(LAYERS)]
-        copier = BlockCopier(layers, layer_bytes)
-        slots, blocks = [5, 2, 7, 0, 3, 6], [1, 4, 7, 0, 2, 5]
-        plan = copier.plan(slots, blocks)
-        assert len(plan.runs) == 6 and plan.slot_index is None
-        copier.save(view, slots, blocks)
-        for s, b in zip(slots, blocks, strict=True):
-            got = np.frombuffer(view.payload(s, LAYERS * layer_bytes), dtype=np.uint8)
-            assert (got == expected(layers, b)).all()
-        back = [torch.zeros_like(t) for t in layers]
-        BlockCopier(back, layer_bytes).load(view, slots, blocks)
-        for t, b in zip(layers, back, strict=True):
-            assert all(torch.equal(b[i], t[i]) for i in blocks)
-            assert not any(b[i].any() for i in set(range(8)) - set(blocks))
-    finally:
-        view.close()
-        host.shutdown()
