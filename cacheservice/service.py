@@ -54,7 +54,7 @@ class CacheService:
         self.tree = PrefixTree()
         self.stack = TierStack(host, lower, self.tree)
         self.stack.on_dropped = self._block_dropped
-        self.stack.remote_budget_s = remote_lookup_ms / 1000
+        self.stack.remote.budget_s = remote_lookup_ms / 1000
         self.chunks = ChunkIndex()
         self.namespaces = NamespaceRegistry(host, self.stack)
         self.leases = LeaseTable(self.stack.slots, lease_ms)
@@ -144,7 +144,7 @@ class CacheService:
 
     async def _match(self, keys: list[bytes]) -> LookupResult:
         m = self.tree.match(keys)
-        if m.length < len(keys) and await self.stack.discover(keys, m.length) > m.length:
+        if m.length < len(keys) and await self.stack.remote.discover(keys, m.length) > m.length:
             m = self.tree.match(keys)
         return LookupResult(m.length, m.tiers)
 
@@ -154,7 +154,7 @@ class CacheService:
         probe = validate.key_blob(keys, self.max_keys) if not tiers else self._keys(keys)
         self.namespaces.get(ns)  # after the keys: a malformed body is a 400 first
         hits = self.tree.match_length(probe) if not tiers else -1
-        if not tiers and (hits == len(probe) or not self.stack.shared):
+        if not tiers and (hits == len(probe) or not self.stack.remote.tiers):
             result = LookupResult(hits, [])
         else:  # every key checked, then matched edge by edge (and asked of a shared tier)
             full = await self._match(probe if tiers else self._keys(keys))
@@ -167,7 +167,7 @@ class CacheService:
         """Consecutive keys present from the start in any tier, wherever they sit in the tree.
         Keys found only in a shared tier get indexed, so that an acquire can pin them."""
         count = self._run(keys)
-        if count < len(keys) and await self.stack.discover(keys, count) > count:
+        if count < len(keys) and await self.stack.remote.discover(keys, count) > count:
             count = self._run(keys)  # counted again: the await may have evicted some
         return count
 

@@ -21,6 +21,21 @@ _FASTEST = attrgetter("fastest")
 _PARENT = attrgetter("parent")
 
 
+def _first_failing(n: int, holds: Callable[[int], bool]) -> int:
+    """The first i in [0, n) where ``holds`` fails, n if none, for a ``holds`` that is true
+    up to some point and false after it (depth along a chain): O(log n) calls."""
+    if n == 0 or holds(n - 1):
+        return n
+    lo, hi = -1, n - 1  # holds(lo) (virtually for -1), not holds(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 class Node:
     __slots__ = ("key", "parent", "children", "depth", "tiers", "pins", "last_used", "length")
     __slots__ += ("fastest",)
@@ -87,16 +102,7 @@ class PrefixTree:
             node = get(keys[i])
             return node is not None and node.depth == i + 1 and bool(node.tiers)
 
-        if n == 0 or at_depth(n - 1):
-            return n
-        lo, hi = -1, n - 1  # at_depth(lo) holds (virtually for -1), at_depth(hi) does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if at_depth(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo + 1
+        return _first_failing(n, at_depth)
 
     def match(self, keys: Sequence[bytes]) -> MatchResult:
         n = len(keys)
@@ -108,17 +114,7 @@ class PrefixTree:
             node = get(keys[i])
             return node is not None and node.depth == i + 1
 
-        if at_depth(n - 1):
-            h = n
-        else:
-            lo, hi = -1, n - 1  # at_depth(lo) holds (virtually for -1), at_depth(hi) does not
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if at_depth(mid):
-                    lo = mid
-                else:
-                    hi = mid
-            h = lo + 1
+        h = _first_failing(n, at_depth)
         if h == 0:
             return MatchResult(0, [])
         nodes = list(map(get, keys[:h]))

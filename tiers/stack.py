@@ -11,25 +11,24 @@ Invariants:
   tree keeps it (``Tier.contains`` tells which).
 - Input from clients and media is untrusted: an edge the tree refuses (a cycle, a block that
   is its own parent) is not stored, and a header that names one is skipped and counted.
-- Shared tiers are asked about unknown keys within a short budget; one slow or dead remote
-  never slows a lookup past it (the question finishes in the background, one at a time).
+- Shared tiers are asked about unknown keys within a short budget (shared.py).
 - The tree is mutated only on the event loop; every await re-checks the node it works on.
   Blocks read zero copy from host are pinned while the read is in flight.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from index.hashing import ROOT_KEY
 from index.radix import PrefixTree
 from tiers.base import FLAG_MANIFEST, Block, BlockMeta, Tier
 from tiers.host import HostTier
 from tiers.rates import ReadRates
+from tiers.rebuild import rebuild_index
+from tiers.shared import SharedLookup
 from tiers.slots import HostSlots
 from tiers.writedown import WriteDown
 
@@ -60,9 +59,8 @@ class TierStack:
         self.counters = StackCounters()
         # Called with each key that stops being a stored block (chunks that use it go too).
         self.on_dropped: Callable[[bytes], None] | None = None
-        self.remote_budget_s = 0.05
         self.read_rates = ReadRates()  # learnt from the reads below host (routing costs)
-        self._discovery: asyncio.Task | None = None
+        self.remote = SharedLookup(self.lower, tree, self.counters)
         self._writedown = WriteDown(self, queue_size) if self.lower else None
         self.slots = HostSlots(self)
         self._closed = False
@@ -77,9 +75,7 @@ class TierStack:
         if self._closed:
             return
         self._closed = True
-        if self._discovery is not None:
-            self._discovery.cancel()
-            await asyncio.gather(self._discovery, return_exceptions=True)
+        await self.remote.close()
         if self._writedown is not None:
             await self._writedown.close()
         for tier in self.tiers:
@@ -225,7 +221,7 @@ class TierStack:
         found below host is promoted into host when ``promote`` and room allows; the result
         is then the host copy (zero copy: pin the key while using it)."""
         if self.tree.get(key) is None:
-            block = await self._fetch_remote(key)
+            block = await self.remote.fetch(key)
             if block is None or not promote:
                 return block
             return await self._promote(block) or block
@@ -253,17 +249,6 @@ class TierStack:
             if index and promote:
                 return await self._promote(block) or block
             return block
-        return None
-
-    async def _fetch_remote(self, key: bytes) -> Block | None:
-        """A block no local index knows, from a shared tier (written by another host)."""
-        for tier in self.shared:
-            block = await tier.get(key)
-            if block is not None and self.tree.get(key) is None:
-                if not self.tree.insert(block.meta.parent, key, tier.name, block.meta.length):
-                    tier.errors.skipped += 1
-                    return None
-                return block
         return None
 
     async def _promote(self, block: Block) -> Block | None:
@@ -312,66 +297,9 @@ class TierStack:
         if not await tier.contains(key):
             self._remove(key, tier.name)
 
-    @property
-    def shared(self) -> list[Tier]:
-        return [t for t in self.lower if getattr(t, "shared", False)]
-
-    async def discover(self, keys: Sequence[bytes], start: int) -> int:
-        """``remote_extend`` within ``remote_budget_s``. Past the budget the question goes on in
-        the background (indexing what it finds for the next lookup) and this returns
-        ``start``; while one such question is pending, no other is asked."""
-        if start >= len(keys) or not self.shared:
-            return start
-        if self._discovery is not None and not self._discovery.done():
-            return start
-        task = asyncio.ensure_future(self.remote_extend(list(keys), start))
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.remote_budget_s)
-        except TimeoutError:
-            self.counters.remote_timeouts += 1
-            self._discovery = task
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            return start
-
-    async def remote_extend(
-        self, keys: Sequence[bytes], start: int, parent: bytes = ROOT_KEY
-    ) -> int:
-        """Ask shared tiers (Redis written by other hosts) about ``keys[start:]``; index the
-        consecutive ones found. Returns the new hit count."""
-        for tier in self.shared:
-            if start >= len(keys):
-                break
-            found = await tier.contains_many(keys[start:])
-            prev = keys[start - 1] if start else parent
-            for key, ok in zip(keys[start:], found, strict=True):
-                if not ok or not self.tree.insert(prev, key, tier.name, 0):
-                    break
-                prev = key
-                start += 1
-        return start
-
     async def rebuild(self) -> list[Block]:
-        """Index every block the tiers hold (after a restart); returns the manifest blocks.
-        Stored headers are untrusted: one the tree refuses is skipped, counted, and removed
-        from a local tier (a shared tier's keys belong to every host: left alone)."""
-        manifests: dict[bytes, Block] = {}
-        for tier in self.tiers:
-            found: list[bytes] = []
-            refused: list[bytes] = []
-            async for meta in tier.scan():
-                if meta.flags & FLAG_MANIFEST:
-                    found.append(meta.key)
-                elif not self.tree.insert(meta.parent, meta.key, tier.name, meta.length):
-                    tier.errors.skipped += 1
-                    refused.append(meta.key)
-            if tier not in self.shared:
-                for key in refused:
-                    await tier.delete(key)
-            todo = [k for k in found if k not in manifests]
-            for block in await tier.get_many(todo) if todo else []:
-                if block is not None:
-                    manifests[block.meta.key] = block
-        return list(manifests.values())
+        """Index every block the tiers hold (after a restart); returns the manifest blocks."""
+        return await rebuild_index(self.tiers, self.tree, self.remote.tiers)
 
     def check_integrity(self) -> None:
         """Tree invariants, host accounting, and: every block the tree puts in host is there.

@@ -200,7 +200,7 @@ async def test_shared_redis_remote_hits(tmp_path, redis_server):
     reader = await make_stack(tmp_path / "r", redis_url=redis_server)
     keys = keys_of(chain)
     assert reader.tree.match(keys).length == 0
-    assert await reader.remote_extend(keys, 0) == 4
+    assert await reader.remote.extend(keys, 0) == 4
     assert reader.tree.match(keys).tiers == ["redis"] * 4
     block = await reader.fetch(keys[2])
     assert bytes(block.payload) == chain[2][1]
