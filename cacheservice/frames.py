@@ -103,6 +103,7 @@ class FramesConnection:
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 _FALLBACK = (FileNotFoundError, ConnectionRefusedError, PermissionError)
+NO_SOCKET_MAX_S = 60.0  # a service restarted with frames on is found within a minute
 
 
 class FramesLane:
@@ -123,6 +124,9 @@ class FramesLane:
         self.enabled = host is None or host in _LOCAL_HOSTS or host.startswith("127.")
         self.token, self.timeouts, self.http_get = token, timeouts, http_get
         self.retry_s = retry_s
+        # A service that advertises no socket (frames off) is asked again ever more rarely:
+        # not one /health call a second per client forever.
+        self._no_socket_s = retry_s
         self.path: str | None = None
         self.instance = ""
         self._next_try = 0.0
@@ -185,8 +189,12 @@ class FramesLane:
             return False
         path, instance = doc.get("frames"), doc.get("instance")
         if not isinstance(path, str) or not isinstance(instance, str):
+            if status == 200:
+                self._next_try = now + self._no_socket_s
+                self._no_socket_s = min(2 * self._no_socket_s, NO_SOCKET_MAX_S)
             return False
         self.path, self.instance = path, instance
+        self._no_socket_s = self.retry_s
         return True
 
     def _drop(self, conn: FramesConnection) -> None:

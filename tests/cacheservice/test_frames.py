@@ -188,3 +188,22 @@ def test_a_stopped_service_times_out_once_not_twice(make_service) -> None:
             assert time.monotonic() - start < 0.55
     finally:
         svc.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_service_without_a_socket_is_asked_ever_more_rarely() -> None:
+    """A service with frames off is not asked /health once a second per client forever: each
+    answer without a socket doubles the wait before the next question, up to a cap."""
+    asked: list[float] = []
+
+    def health(path: str) -> tuple[int, bytes]:
+        asked.append(time.monotonic())
+        return 200, json.dumps({"status": "ok"}).encode()
+
+    lane = FramesLane("127.0.0.1", None, (1.0, 1.0), health, retry_s=0.05)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert lane.call("/v1/lookup", b"") is None
+        time.sleep(0.005)
+    gaps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
+    assert 3 <= len(asked) <= 6, f"asked {len(asked)} times in 1 s at retry_s=0.05"
+    assert all(later > 1.5 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False))
