@@ -1,7 +1,7 @@
 """The vLLM connector worker's own save and load path against a real ``cacheservice serve``,
 beside the memcpy limit measured in the same run:
 
-    python benchmarks/bench_connector_path.py [--block-mib 2,32] [--gib 2] [--reps 3]
+    python benchmarks/bench_connector_path.py [--block-mib 2,32] [--gib 2] [--reps 3] [--lmcache]
 
 KV is Llama-3.1-8B-shaped bf16 (32 layers, 8 KV heads, head_dim 128: 128 KiB per token) in a
 block-major paged cache like vLLM's. Store = the worker's ``wait_for_save`` (reserve over HTTP,
@@ -14,12 +14,19 @@ same bytes between two touched buffers. Each case is the median of ``--reps`` in
 (limit, store, retrieve), each run on fresh keys; the service has the host tier only (no
 disk, whose write-down would compete for the CPU), sized to hold two runs (the reserve caps
 keep a quarter of the arena for readers).
+
+``--lmcache`` adds LMCache 0.5.6's engine on the same bytes with the same per-layer copies
+(lmcache_peer.py, in a virtual environment made once under ~/.cache/cacheservice/peers),
+its repetitions interleaved with ours: LMCache first, then the limit, our store and retrieve.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +53,8 @@ GIB = 1 << 30
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
 TOKEN_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # 128 KiB
 REQUEST_TOKENS = 4096  # one request's prompt: 512 MiB of KV
+PEER = "lmcache-0.5.6"
+PEER_LOG = Path(tempfile.gettempdir()) / "bench_connector_path.lmcache.log"
 
 
 def make_worker(url: str, block_tokens: int, num_blocks: int) -> tuple[WorkerSide, list]:
@@ -87,7 +96,59 @@ def retrieve(worker: WorkerSide, prompts: list[list[int]], block_ids: list[list[
     return time.perf_counter() - start
 
 
-def run_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
+def lmcache_python() -> str | None:
+    """The python of a virtual environment with LMCache 0.5.6 (made on first use, beside this
+    environment's packages: torch, numpy); None, said why, when it cannot be had."""
+    env = Path.home() / ".cache" / "cacheservice" / "peers" / PEER
+    python = env / "bin" / "python"
+    probe = [str(python), "-c", "import lmcache.v1.cache_engine"]
+    if not python.exists() or subprocess.run(probe, capture_output=True).returncode:
+        try:
+            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env)],
+                           check=True)  # fmt: skip
+            pip = [str(python), "-m", "pip", "install", "-q"]
+            subprocess.run([*pip, "--no-deps", PEER.replace("-", "==", 1)], check=True)
+            subprocess.run([*pip, "aiofile"], check=True)  # the one import vLLM's deps lack
+            subprocess.run(probe, check=True, capture_output=True)
+        except subprocess.CalledProcessError as e:
+            print(f"  LMCache not measured: {e}")
+            return None
+    return str(python)
+
+
+class Peer:
+    """LMCache's engine on the same bytes, in its own process, one repetition per ``run``."""
+
+    def __init__(self, python: str, block_tokens: int, requests: int) -> None:
+        script = str(REPO / "benchmarks" / "lmcache_peer.py")
+        env = dict(os.environ, PYTHONHASHSEED="0")  # LMCache's builtin hash asks for it
+        self.proc = subprocess.Popen(
+            [python, script, str(block_tokens), str(requests)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=PEER_LOG.open("w"), text=True, env=env,
+        )  # fmt: skip
+        self._expect("READY")
+
+    def _expect(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag) :].strip()
+        raise RuntimeError(f"the LMCache peer exited ({self.proc.wait()}) before {tag}")
+
+    def run(self) -> dict[str, float]:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("RESULT"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # LMCache's background threads keep it alive
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_case(block_mib: int, gib: float, reps: int, work: Path, peer_python: str | None) -> None:
     block_tokens = (block_mib << 20) // TOKEN_BYTES
     block_bytes = block_tokens * TOKEN_BYTES
     requests = max(1, int(gib * GIB) // (REQUEST_TOKENS * TOKEN_BYTES))
@@ -110,11 +171,16 @@ def run_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
     worker, caches = make_worker(svc.url, block_tokens, 2 * total_blocks)
     src = [list(range(r * per_request, (r + 1) * per_request)) for r in range(requests)]
     dst = [[b + total_blocks for b in ids] for ids in src]
-    a, b = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    a, b = np.ones(nbytes, np.uint8), np.ones(nbytes, np.uint8)  # both touched
     rng = np.random.default_rng(block_mib)
     times: dict[str, list[float]] = {"limit": [], "store": [], "retrieve": []}
+    peer = Peer(peer_python, block_tokens, requests) if peer_python else None
+    theirs: dict[str, list[float]] = {"limit": [], "store": [], "retrieve": []}
     try:
         for _ in range(reps):
+            if peer is not None:  # interleaved: LMCache, then ours, in every repetition
+                for k, v in peer.run().items():
+                    theirs[k].append(v)
             start = time.perf_counter()
             np.copyto(b, a)
             times["limit"].append(time.perf_counter() - start)
@@ -127,11 +193,20 @@ def run_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
     finally:
         worker.close()
         svc.stop()
+        if peer is not None:
+            peer.close()
     rate = {k: nbytes / statistics.median(v) / GIB for k, v in times.items()}
     print(f"  {block_mib:>2} MiB blocks ({block_tokens} tokens), {nbytes / GIB:.2f} GiB/run:  "
           f"store {rate['store']:5.2f} GiB/s ({rate['store'] / rate['limit']:4.2f}x)   "
           f"retrieve {rate['retrieve']:5.2f} GiB/s ({rate['retrieve'] / rate['limit']:4.2f}x)   "
           f"np.copyto {rate['limit']:5.2f} GiB/s")  # fmt: skip
+    if peer is not None:
+        lm = {k: nbytes / statistics.median(v) / GIB for k, v in theirs.items()}
+        print(f"     LMCache 0.5.6 engine, same bytes: store {lm['store']:5.2f} GiB/s "
+              f"({lm['store'] / lm['limit']:4.2f}x of its np.copyto {lm['limit']:5.2f})   "
+              f"retrieve {lm['retrieve']:5.2f} GiB/s ({lm['retrieve'] / lm['limit']:4.2f}x);  "
+              f"ours / LMCache: store {rate['store'] / lm['store']:4.2f}x, "
+              f"retrieve {rate['retrieve'] / lm['retrieve']:4.2f}x")  # fmt: skip
     phases = {k: round(v / reps, 3) for k, v in worker.stats.items() if k.endswith("_s")}
     print(f"     seconds per run: {phases}")
 
@@ -141,12 +216,18 @@ def main() -> None:
     p.add_argument("--block-mib", default="2,32")
     p.add_argument("--gib", type=float, default=2.0, help="KV bytes per run")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--lmcache",
+        action="store_true",
+        help=f"also {PEER}'s engine on the same bytes (its own venv, made once)",
+    )
     args = p.parse_args()
+    peer_python = lmcache_python() if args.lmcache else None
     print(f"connector worker path vs np.copyto, Llama-3.1-8B-shaped bf16 KV, medians of "
           f"{args.reps} interleaved runs, torch threads {torch.get_num_threads()}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_path_") as tmp:
         for mib in args.block_mib.split(","):
-            run_case(int(mib), args.gib, args.reps, Path(tmp))
+            run_case(int(mib), args.gib, args.reps, Path(tmp), peer_python)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 engine against a warm service, beside recompute, vLLM's own prefix-cache hit and the first
 request while the connector stores, at 1K / 4K / 8K tokens, all in one run:
 
-    python benchmarks/bench_vllm_ttft.py [--models gqa-fp32,gqa-bf16,smollm2] \
+    python benchmarks/bench_vllm_ttft.py [--models gqa-fp32,gqa-bf16,smollm2,smollm2-fp32] \
         [--tokens 1024,4096,8192] [--reps 3]
 
 Models: ``gqa-fp32`` / ``gqa-bf16``, a random-weight Llama with a realistic attention shape (4
-layers, hidden 1024, 16 heads, 4 KV heads, head_dim 64); ``smollm2``, the real trained
-SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64, bf16; tests/models.py converts it).
+layers, hidden 1024, 16 heads, 4 KV heads, head_dim 64); ``smollm2`` / ``smollm2-fp32``, the
+real trained SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64, bf16 or float32;
+tests/models.py converts it).
 Per model, three engine processes (prefix caching on in each, block size 32, ``max_tokens=1``
 so the time is TTFT): (1) no connector: each prompt once (recompute) and again (vLLM's own
 prefix-cache hit); (2) with the connector, each prompt once, storing (its overhead = (2)/(1));
@@ -110,10 +111,15 @@ def memcpy_s(nbytes: int, reps: int = 5) -> float:
 
 def model_for(name: str, work: Path, longest: int) -> tuple[str, str, int]:
     """(model directory, dtype, KV bytes per token) for a model name."""
-    if name == "smollm2":
+    if name in ("smollm2", "smollm2-fp32"):
         from tests.models import smollm2_dir
 
-        return str(smollm2_dir()), "bfloat16", 30 * 3 * 2 * 64 * 2
+        wide = name == "smollm2-fp32"  # a CPU without AVX512-BF16 runs bf16 ~30x slower
+        return (
+            str(smollm2_dir()),
+            "float32" if wide else "bfloat16",
+            30 * 3 * 2 * 64 * (2 + 2 * wide),
+        )
     from tests.connectors.vllm.tiny_model import make_tiny_llama
 
     dtype = {"gqa-fp32": "float32", "gqa-bf16": "bfloat16"}[name]
@@ -145,9 +151,10 @@ def bench_model(name: str, lengths: list[int], reps: int, pause: float, work: Pa
         ],  # fmt: skip
     )
     rng = np.random.default_rng(len(name))
-    vocab = 49152 if name == "smollm2" else GQA["vocab"]
+    smol = name.startswith("smollm2")
+    vocab = 49152 if smol else GQA["vocab"]
 
-    context = 8192 if name == "smollm2" else max(lengths) + 512
+    context = 8192 if smol else max(lengths) + 512
     lengths = [min(n, context - BLOCK) for n in lengths]  # SmolLM2's "8K": 8160 + 1 tokens
 
     def prompt(n: int) -> list[int]:
