@@ -36,7 +36,7 @@ from connectors.vllm.blend_scheduler import (
     make_policy,
 )
 from connectors.vllm.dense_layout import VLLM_LAYER_VIEW, DenseLayout
-from connectors.vllm.engine_model import EngineModel, Unsupported, served_model
+from connectors.vllm.engine_model import EngineModel, Unsupported, find_model
 
 log = logging.getLogger("cacheservice.connectors.vllm.blend")
 
@@ -98,7 +98,9 @@ class BlendWorker:
                 self._paged.check(t)
         # Here, not later: vLLM freezes its start-up heap right after the KV caches exist.
         try:
-            self._model = EngineModel(served_model(self._attention), list(self.shape.layers))
+            found = find_model(self._attention)
+            self._model = EngineModel(found.root, list(self.shape.layers))
+            self.stats["model_found_via"] = found.via
         except Unsupported as e:
             self._unsupported = str(e)
             log.error("blend disabled, every claimed prefix is recomputed: %s", e)

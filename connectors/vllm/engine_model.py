@@ -3,9 +3,11 @@
 A KV connector's worker side is handed the KV caches, never the model. It can still reach the
 model: every attention layer vLLM registers in ``compilation_config.static_forward_context``
 is the very ``Attention`` submodule of the loaded model, under its module path (e.g.
-``model.layers.3.self_attn.attn``). ``served_model`` walks up from that submodule to the root
-module (the process holds one model; the walk is checked against every layer name) once, at
-``register_kv_caches``.
+``model.layers.3.self_attn.attn``). ``served_model`` finds the root module that holds them
+all, once, at ``register_kv_caches``: first among its callers' locals (vLLM's model runner
+calls it and holds the model as ``self.model``), else by walking up from that submodule
+through every live module's children (a heap scan, ~2 s in a vLLM process). Either way the
+root is accepted only when every registered layer is its submodule under that very name.
 
 Blended prefill then runs the engine's own modules: the embedding, each decoder layer's
 ``input_layernorm``, ``qkv_proj`` (biases included), ``rotary_emb`` (vLLM's own RoPE kernel),
@@ -25,6 +27,8 @@ blending wrong KV.
 from __future__ import annotations
 
 import gc
+import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +66,57 @@ def _parents() -> dict[int, torch.nn.Module]:
     return out
 
 
+def _holds(root: object, attention: dict[str, torch.nn.Module]) -> bool:
+    if not issubclass(type(root), torch.nn.Module):
+        return False
+    for name, layer in attention.items():
+        try:
+            if root.get_submodule(name) is not layer:
+                return False
+        except AttributeError:
+            return False
+    return True
+
+
+def _from_callers(attention: dict[str, torch.nn.Module], depth: int = 32):
+    """The model from the frames that called us: vLLM's model runner calls
+    ``register_kv_caches`` with the model as its ``self.model``. A look at a few frames'
+    locals instead of a scan of the whole heap (~2 s in a vLLM process)."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        for value in list(frame.f_locals.values()):
+            for root in (value, _attr(value, "model")):
+                if root is not None and _holds(root, attention):
+                    return root
+        frame = frame.f_back
+    return None
+
+
+def _attr(obj: object, name: str) -> object:
+    try:  # an instance attribute only: no property or __getattr__ of an arbitrary object runs
+        return object.__getattribute__(obj, "__dict__").get(name)
+    except (AttributeError, TypeError):
+        return None
+
+
+class Found(NamedTuple):
+    root: torch.nn.Module
+    via: str  # "caller": a caller's locals held it; "heap": the scan of every live module
+
+
 def served_model(attention: dict[str, torch.nn.Module]) -> torch.nn.Module:
     """The root module that holds every ``attention`` layer at its name's module path."""
+    return find_model(attention).root
+
+
+def find_model(attention: dict[str, torch.nn.Module]) -> Found:
     if not attention:
         raise Unsupported("no attention layers registered")
+    found = _from_callers(attention)
+    if found is not None:
+        return Found(found, "caller")
     name, leaf = next(iter(attention.items()))
     parents = _parents()
     node = leaf
@@ -80,7 +131,7 @@ def served_model(attention: dict[str, torch.nn.Module]) -> torch.nn.Module:
             found = None
         if found is not layer:
             raise Unsupported(f"{n} is not the registered attention layer of {type(node)}")
-    return node
+    return Found(node, "heap")
 
 
 def _out(x: torch.Tensor | tuple) -> torch.Tensor:

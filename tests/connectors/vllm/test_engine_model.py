@@ -11,7 +11,13 @@ import torch
 
 from connectors.blend.hf_llama import _rope_theta
 from connectors.blend.rope import RopeSpec, apply_rope, rerotate
-from connectors.vllm.engine_model import EngineModel, Unsupported, served_model
+from connectors.vllm.engine_model import (
+    EngineModel,
+    Unsupported,
+    _from_callers,
+    find_model,
+    served_model,
+)
 
 pytestmark = pytest.mark.vllm
 T = 96  # rows, each with its own source and target position
@@ -111,6 +117,36 @@ def test_served_model_is_the_root_holding_every_layer():
     assert served_model(names) is root
     other, _ = _tree()  # another model alive in the process does not confuse the walk
     assert served_model(names) is root and other is not root
+
+
+_KEEP: list[torch.nn.Module] = []  # alive, yet in no caller's locals
+
+
+class _Runner:
+    """As vLLM's model runner: holds the model, calls the connector's register."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def register(self, names: dict[str, torch.nn.Module]) -> torch.nn.Module:
+        return served_model(names)
+
+
+def _detached_names() -> dict[str, torch.nn.Module]:
+    root, names = _tree()
+    _KEEP.append(root)
+    return names
+
+
+def test_served_model_comes_from_the_caller_or_from_the_heap():
+    root, names = _tree()
+    runner = _Runner(root)
+    del root  # only the runner's self.model holds it now, as in vLLM
+    assert _from_callers(names) is runner.model  # through this frame's runner.model
+    assert runner.register(names) is runner.model
+    names = _detached_names()  # no frame holds the model: the heap scan finds it
+    assert _from_callers(names) is None
+    assert find_model(names) == (_KEEP[-1], "heap")
 
 
 def test_served_model_refuses_layers_it_cannot_place():

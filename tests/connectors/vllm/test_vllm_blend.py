@@ -78,6 +78,7 @@ def test_blend_hit_with_bounded_deviation(model, reference, tmp_path: Path):
     assert b["worker"]["failed_requests"] == 0
     assert b["worker"]["saved_chunks"] == 0, "blended KV is never stored as a chunk"
     assert b["worker"]["engine_weights"], "the recompute runs the engine's own modules"
+    assert b["worker"]["model_found_via"] == "caller", "vLLM's model runner held the model"
     *outs, sep = b["outputs"]
     assert sep["cached"] == CLAIMED and sep["tokens"] == reference["S"]["tokens"]
     assert kl_first_token(reference["S"], sep) < 1e-5, "a cut chunk's head is placed exactly"
