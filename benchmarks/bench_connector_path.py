@@ -1,7 +1,8 @@
 """The vLLM connector worker's own save and load path against a real ``cacheservice serve``,
 beside the memcpy limit measured in the same run:
 
-    python benchmarks/bench_connector_path.py [--block-mib 2,32] [--gib 2] [--reps 3] [--lmcache]
+    python benchmarks/bench_connector_path.py [--block-mib 2,32] [--gib 2] [--reps 3] \
+        [--disk] [--lmcache]
 
 KV is Llama-3.1-8B-shaped bf16 (32 layers, 8 KV heads, head_dim 128: 128 KiB per token) in a
 block-major paged cache like vLLM's. Store = the worker's ``wait_for_save`` (reserve over HTTP,
@@ -15,6 +16,8 @@ same bytes between two touched buffers. Each case is the median of ``--reps`` in
 disk, whose write-down would compete for the CPU), sized to hold two runs (the reserve caps
 keep a quarter of the arena for readers).
 
+``--disk`` adds the disk tier on the same path: a store until every block is on disk, cold
+and warm loads after a service restart, beside open+write / open+readinto of the same bytes.
 ``--lmcache`` adds LMCache 0.5.6's engine on the same bytes with the same per-layer copies
 (lmcache_peer.py, in a virtual environment made once under ~/.cache/cacheservice/peers),
 its repetitions interleaved with ours: LMCache first, then the limit, our store and retrieve.
@@ -211,11 +214,112 @@ def run_case(block_mib: int, gib: float, reps: int, work: Path, peer_python: str
     print(f"     seconds per run: {phases}")
 
 
+def _dropped(paths: list[Path]) -> None:
+    """Out of the page cache: written back first (dirty pages cannot be dropped)."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_limits(root: Path, files: int, size: int) -> dict[str, float]:
+    """Seconds to write ``files`` files of ``size`` bytes with open+write (page cache, no
+    fsync: the durability the disk tier gives KV blocks), then to read them back with
+    open+readinto into one engine-side buffer, cold (dropped from the page cache) and warm."""
+    root.mkdir(parents=True, exist_ok=True)
+    payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    engine = np.ones((files, size), np.uint8)  # as large as the KV it stands for: no cache reuse
+    paths = [root / f"{i:06d}.raw" for i in range(files)]
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "wb", buffering=0) as f:
+            f.write(payload)
+    out = {"write": time.perf_counter() - start}
+    for kind in ("cold", "warm"):
+        if kind == "cold":
+            _dropped(paths)
+        start = time.perf_counter()
+        for path, buf in zip(paths, engine, strict=True):
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(buf)
+        out[kind] = time.perf_counter() - start
+    for path in paths:
+        path.unlink()
+    return out
+
+
+def run_disk_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
+    """The disk tier under the connector: a store until every block is on disk (write-down
+    after the commit, page cache, no fsync), then loads after a restart (host empty, the
+    index rebuilt from disk, each block promoted into the arena by the acquire), cold (the
+    block files dropped from the page cache) and warm."""
+    block_tokens = (block_mib << 20) // TOKEN_BYTES
+    block_bytes = block_tokens * TOKEN_BYTES
+    requests = max(1, int(gib * GIB) // (REQUEST_TOKENS * TOKEN_BYTES))
+    per_request = REQUEST_TOKENS // block_tokens
+    total = requests * per_request
+    nbytes = total * block_bytes
+    slot = block_bytes + 4096
+    disk = work / f"disk-{block_mib}"
+    svc = start_service(
+        work / f"svcd-{block_mib}",
+        extra=[
+            "--arena-bytes", str(slot * (2 * total + 8)), "--slot-bytes", str(slot),
+            "--disk-dir", str(disk), "--disk-bytes", str((reps + 1) * (nbytes + total * 8192)),
+        ],
+    )  # fmt: skip
+    worker, _ = make_worker(svc.url, block_tokens, 2 * total)
+    src = [list(range(r * per_request, (r + 1) * per_request)) for r in range(requests)]
+    dst = [[b + total for b in ids] for ids in src]
+    rng = np.random.default_rng(block_mib + 7)
+    ours: dict[str, list[float]] = {"write": [], "cold": [], "warm": []}
+    raw: dict[str, list[float]] = {"write": [], "cold": [], "warm": []}
+
+    def reconnect() -> None:
+        svc.restart()
+        key = bytes(range(16))  # a miss: reopens the frames connection
+        worker.link.call(worker.link.step_client.lookup, worker.ns.id, [key])
+        worker.link.arena()  # the new arena mapped, as an engine has long done by its next hit
+
+    try:
+        for rep in range(reps):
+            for k, v in disk_limits(work / "raw", total, block_bytes).items():
+                raw[k].append(v)
+            prompts = [rng.integers(0, 1 << 17, REQUEST_TOKENS).tolist() for _ in range(requests)]
+            start = time.perf_counter()
+            store(worker, prompts, src)
+            with svc.client() as c:
+                while c.stats()["blocks"]["disk"] < (rep + 1) * total:
+                    time.sleep(0.002)
+            ours["write"].append(time.perf_counter() - start)
+            for kind in ("cold", "warm"):
+                reconnect()
+                if kind == "cold":
+                    _dropped(sorted(disk.rglob("*.blk")))
+                ours[kind].append(retrieve(worker, prompts, dst))
+    finally:
+        worker.close()
+        svc.stop()
+    rate = {k: nbytes / statistics.median(v) / GIB for k, v in ours.items()}
+    lim = {k: nbytes / statistics.median(v) / GIB for k, v in raw.items()}
+    print(f"  disk, {block_mib:>2} MiB blocks, {nbytes / GIB:.2f} GiB/run:  " + "   ".join(
+        f"{k} {rate[k]:5.2f} GiB/s ({rate[k] / lim[k]:4.2f}x of {lim[k]:5.2f})"
+        for k in ("write", "cold", "warm")))  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--block-mib", default="2,32")
     p.add_argument("--gib", type=float, default=2.0, help="KV bytes per run")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--disk",
+        action="store_true",
+        help="also the disk tier: store to disk, cold and warm loads after a restart",
+    )
     p.add_argument(
         "--lmcache",
         action="store_true",
@@ -228,6 +332,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_path_") as tmp:
         for mib in args.block_mib.split(","):
             run_case(int(mib), args.gib, args.reps, Path(tmp), peer_python)
+        for mib in args.block_mib.split(",") if args.disk else ():
+            run_disk_case(int(mib), args.gib, args.reps, Path(tmp))
 
 
 if __name__ == "__main__":
