@@ -7,7 +7,9 @@ path's CUDA kernels against the same computation on the CPU, and the arena's DMA
    recomputed rows, KV and logits within fp32 rounding.
 3. Per-token K/V reads and writes in vLLM's GPU layer view (dense_layout.py, NHD storage) on a
    CUDA cache vs the same on a CPU cache.
-4. GPU -> arena -> GPU: a shared-memory file like the service's arena, registered with
+4. A chunk's blocks from pinned memory onto the GPU on a side stream (ChunkStore's CUDA
+   path) vs the same bytes unpacked on the CPU.
+5. GPU -> arena -> GPU: a shared-memory file like the service's arena, registered with
    ``cudaHostRegister`` (transfer.pin_arena's call), copied on a side stream, against
    ``cudaMemcpy`` from a pinned torch tensor of the same size in the same run (GiB/s, ratio).
 
@@ -30,8 +32,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.blend.llama import Llama, LlamaShape  # noqa: E402
-from connectors.blend.recompute import Segment, TopRatio, blend_prefill, encode_chunk  # noqa: E402
+from connectors.blend.recompute import (  # noqa: E402
+    ChunkKV,
+    Segment,
+    TopRatio,
+    blend_prefill,
+    encode_chunk,
+)
 from connectors.blend.rope import RopeSpec, apply_rope, rerotate  # noqa: E402
+from connectors.blend.store import KVLayout, pack, unpack  # noqa: E402
 from connectors.vllm.dense_layout import VLLM_LAYER_VIEW, DenseLayout  # noqa: E402
 from connectors.vllm.kv_layout import TokenKV  # noqa: E402
 
@@ -145,6 +154,28 @@ def bandwidth_check(gib: float) -> dict:
     return out
 
 
+def chunk_check() -> dict:
+    """A chunk's blocks from pinned memory to the GPU on a side stream (ChunkStore's CUDA
+    path, store.unpack + to_device) against the same bytes unpacked on the CPU."""
+    layout = KVLayout(num_layers=4, kv_heads=3, head_dim=64, block_tokens=32, dtype="bfloat16")
+    n = 300
+    keys = [torch.randn(n, 3, 64).to(torch.bfloat16) for _ in range(4)]
+    values = [torch.randn(n, 3, 64).to(torch.bfloat16) for _ in range(4)]
+    chunk = ChunkKV(torch.arange(n), 0, keys, values)
+    data = pack(chunk, layout)
+    pinned = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
+    pinned.numpy()[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8).numpy()
+    host = unpack(chunk.tokens, 0, data, layout)
+    gpu = unpack(chunk.tokens, 0, pinned, layout, DEV)
+    torch.cuda.synchronize()
+    same = all(
+        torch.equal(h, g.cpu())
+        for h, g in zip(host.keys + host.values, gpu.keys + gpu.values, strict=True)
+    )
+    return {"equal": bool(same), "on_device": gpu.keys[0].is_cuda,
+            "host_equal": bool(torch.equal(host.keys[2], keys[2]))}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--gib", type=float, default=2.0, help="bytes per bandwidth copy")
@@ -154,11 +185,12 @@ def main() -> None:
         sys.exit(1)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "rope": rope_check(), "blend": blend_check(), "layout": layout_check(),
-           "bandwidth": bandwidth_check(args.gib)}  # fmt: skip
+           "chunk": chunk_check(), "bandwidth": bandwidth_check(args.gib)}  # fmt: skip
     print(json.dumps(out, indent=1))
     ok = out["rope"]["torch.float32"] < 1e-4 and out["blend"]["same_rows"]
     ok &= out["blend"]["kv_max_diff"] < 1e-3 and out["layout"]["cache_equal"]
     ok &= out["layout"]["read_equal"] and out["bandwidth"]["round_trip_exact"]
+    ok &= out["chunk"]["equal"] and out["chunk"]["on_device"] and out["chunk"]["host_equal"]
     sys.exit(0 if ok else 1)
 
 

@@ -6,8 +6,9 @@ service on this host), as prefix blocks do. A save reserves slots for the chunk'
 (chained from the chunk key), packs the KV straight into them, commits them with their
 checksums and then registers the chunk. A read acquire pins the blocks' slots, each payload is
 copied out of its slot and the copy is checked against the block's xxh3 (the bytes used are
-the bytes verified), then the lease is released. A remote service, blocks the arena does not
-hold, or a save the arena had no room for travel as HTTP bodies.
+the bytes verified), then the lease is released; for a CUDA engine the copy is pinned memory
+that moves to the device in one DMA on a side stream (``to_device``). A remote service,
+blocks the arena does not hold, or a save the arena had no room for travel as HTTP bodies.
 
 Block payload layout (one block = ``block_tokens`` chunk tokens, the last one zero padded):
 ``[layer][K, V][token][kv_head][head_dim]`` in the namespace dtype, little-endian. Keys are
@@ -77,14 +78,45 @@ def pack_blocks(chunk: ChunkKV, layout: KVLayout) -> torch.Tensor:
     return blocks.view(nb, -1)
 
 
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def to_device(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``raw`` (host, pinned when it came from ``ChunkStore`` with a CUDA device) on
+    ``device``: one contiguous copy on a side stream, which the current stream then waits
+    for on the device (the host does not block; the caching host allocator keeps pinned
+    memory alive until its copy is done)."""
+    if device.type != "cuda":
+        return raw.to(device)
+    stream = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        out = raw.to(device, non_blocking=True)
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    out.record_stream(current)  # its memory is used on the current stream from here on
+    return out
+
+
 def unpack(
-    tokens: torch.Tensor, start_pos: int, data: bytes | bytearray, layout: KVLayout
+    tokens: torch.Tensor,
+    start_pos: int,
+    data: bytes | bytearray | torch.Tensor,
+    layout: KVLayout,
+    device: torch.device | None = None,
 ) -> ChunkKV:
+    """Per-layer K/V of a chunk from its blocks' bytes; on ``device`` when given (the bytes
+    move once, contiguous, and are permuted there). Tokens stay on the host."""
     n, bt = tokens.shape[0], layout.block_tokens
     nb = -(-n // bt)
     assert len(data) == nb * layout.block_bytes, "caller checked the block count"
-    buf = np.frombuffer(data, dtype=np.uint8)
-    raw = torch.from_numpy(buf if buf.flags.writeable else buf.copy()).view(layout.torch_dtype)
+    if isinstance(data, torch.Tensor):
+        raw = data
+    else:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        raw = torch.from_numpy(buf if buf.flags.writeable else buf.copy())
+    if device is not None and device != raw.device:
+        raw = to_device(raw, device)
+    raw = raw.view(layout.torch_dtype)
     kv = raw.view(nb, layout.num_layers, 2, bt, layout.kv_heads, layout.head_dim)
     kv = kv.permute(1, 2, 0, 3, 4, 5).reshape(layout.num_layers, 2, nb * bt, *kv.shape[-2:])
     kv = kv[:, :, :n]
@@ -97,11 +129,20 @@ class ChunkStore:
     makes ``save`` return False and ``load`` return misses: the caller recomputes."""
 
     def __init__(
-        self, client: CacheClient, ns: Namespace, layout: KVLayout, arena: bool = True
+        self,
+        client: CacheClient,
+        ns: Namespace,
+        layout: KVLayout,
+        arena: bool = True,
+        device: torch.device | None = None,
     ) -> None:
+        """``device``: where loaded chunks go (the engine's KV cache device); on CUDA, blocks
+        are copied out of the arena into pinned memory and moved by DMA on a side stream."""
         if ns.block_tokens != layout.block_tokens:
             raise BadRequest("namespace and layout disagree on block_tokens: use one value")
         self.client, self.layout = client, layout
+        self.device = device
+        self._pinned = device is not None and device.type == "cuda"
         info = client.register(ns, layout.block_bytes)
         self.ns_id, self.seed = info.ns, info.seed
         self._arena: ArenaClient | None = None
@@ -175,13 +216,14 @@ class ChunkStore:
                     continue
                 data = self._read(e.keys)
                 if data is not None:
-                    out[c.key] = unpack(tokens[c.start : c.end], e.start_pos, data, self.layout)
+                    span = tokens[c.start : c.end]
+                    out[c.key] = unpack(span, e.start_pos, data, self.layout, self.device)
         except ServiceUnavailable:
             if strict:
                 raise
         return out
 
-    def _read(self, keys: list[bytes]) -> bytes | bytearray | None:
+    def _read(self, keys: list[bytes]) -> bytes | bytearray | torch.Tensor | None:
         """Every block of ``keys``, verified, or None."""
         data = self._read_arena(keys) if self._arena is not None else None
         if data is not None:
@@ -191,7 +233,7 @@ class ChunkStore:
         self.stats["http_reads"] += 1
         return got.data if got.count == len(keys) else None
 
-    def _read_arena(self, keys: list[bytes]) -> bytearray | None:
+    def _read_arena(self, keys: list[bytes]) -> bytearray | torch.Tensor | None:
         """None unless every block is in the arena and verifies (the caller then asks over
         HTTP, which reads lower tiers and drops what fails its checksum)."""
         assert self._arena is not None, "only with a mapped arena"
@@ -202,8 +244,12 @@ class ChunkStore:
             view, n = self._arena.current(), self.layout.block_bytes
             if len(acq.slots) < len(keys) or any(x != n for x in acq.lengths[: len(keys)]):
                 return None
-            out = bytearray(len(keys) * n)
-            dst = memoryview(out)
+            if self._pinned:  # DMA-able: the device copy reads it straight
+                out = torch.empty(len(keys) * n, dtype=torch.uint8, pin_memory=True)
+                dst = memoryview(out.numpy())
+            else:
+                out = bytearray(len(keys) * n)
+                dst = memoryview(out)
             for i, (slot, want) in enumerate(zip(acq.slots, acq.checksums, strict=False)):
                 dst[i * n : (i + 1) * n] = view.payload(slot, n)
                 if xxhash.xxh3_64_intdigest(dst[i * n : (i + 1) * n]) != want:

@@ -41,13 +41,6 @@ from connectors.vllm.engine_model import EngineModel, Unsupported, find_model
 log = logging.getLogger("cacheservice.connectors.vllm.blend")
 
 
-def on_device(chunk: ChunkKV, device: torch.device) -> ChunkKV:
-    """``chunk`` on ``device``: tokens stay where the segments are cut (the host)."""
-    keys = [k.to(device, non_blocking=True) for k in chunk.keys]
-    values = [v.to(device, non_blocking=True) for v in chunk.values]
-    return ChunkKV(chunk.tokens, chunk.start_pos, keys, values)
-
-
 def blend_segments(load: BlendLoad, cached: dict[bytes, ChunkKV | None]) -> list[Segment]:
     """Fresh and cached segments of ``load.tokens``; a chunk cut by the claim boundary keeps its
     cached head, a chunk that missed is computed, and the token after the claim is fresh."""
@@ -107,7 +100,8 @@ class BlendWorker:
 
     def _chunk_store(self) -> ChunkStore:
         if self._store is None:
-            self._store = ChunkStore(self.client, self.shape.ns, self.kv_layout)
+            device = self._layers[0].device  # chunks land there (pinned + DMA on CUDA)
+            self._store = ChunkStore(self.client, self.shape.ns, self.kv_layout, device=device)
         return self._store
 
     # -- saves ----------------------------------------------------------------------------
@@ -159,9 +153,6 @@ class BlendWorker:
         hits = sum(v is not None for v in cached.values())
         self.stats["chunk_hits"] += hits
         self.stats["chunk_misses"] += len(cached) - hits
-        device = self._layers[0].device
-        if device.type != "cpu":  # chunks arrive in host memory
-            cached = {k: None if c is None else on_device(c, device) for k, c in cached.items()}
         with torch.no_grad():
             segs, policy = blend_segments(load, cached), make_policy(load.policy)
             res = blend_prefill(self._model, segs, policy, logits=False)
