@@ -88,7 +88,9 @@ def to_device(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
     memory alive until its copy is done)."""
     if device.type != "cuda":
         return raw.to(device)
-    stream = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+    stream = _STREAMS.get(device)
+    if stream is None:
+        stream = _STREAMS[device] = torch.cuda.Stream(device)
     with torch.cuda.stream(stream):
         out = raw.to(device, non_blocking=True)
     current = torch.cuda.current_stream(device)
