@@ -58,6 +58,7 @@ class WorkerSide:
         self.stats |= {"save_s": 0.0, "reserve_s": 0.0, "copy_out_s": 0.0, "commit_s": 0.0}
         self._loads: Loader | None = None  # both set by register_kv_caches
         self._saves: Saver | None = None
+        self._unloaded: set[int] = set()  # blocks asked for before any KV cache was registered
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [name for name in self.layout.layers if name not in kv_caches]
@@ -83,34 +84,31 @@ class WorkerSide:
         self._loads = Loader(self.link, copier, host, self._helper, self._commits, self.stats)
         self._saves = Saver(self.link, copier, host, self._commits, self.stats)
 
-    def _registered(self) -> tuple[Loader, Saver]:
-        assert self._loads is not None and self._saves is not None, (
-            "vLLM calls register_kv_caches before any step"
-        )
-        return self._loads, self._saves
-
     def start_load_kv(self, meta: CacheServiceMeta) -> None:
-        loads, _ = self._registered()
-        if meta.loads:
-            loads.begin(meta.loads)
+        if self._loads is None:  # no KV caches were registered: nothing can load, recompute
+            self._unloaded.update(b for spec in meta.loads for b in spec.block_ids)
+        elif meta.loads:
+            self._loads.begin(meta.loads)
         else:
-            loads.finish()
+            self._loads.finish()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layer_index.get(layer_name)
-        if i is not None:
-            self._registered()[0].wait_layer(i)
+        if i is not None and self._loads is not None:
+            self._loads.wait_layer(i)
 
     def get_finished(self) -> set[str] | None:
         return None  # loads are synchronous: done within their step
 
     def take_load_errors(self) -> set[int]:
-        return self._loads.take_errors() if self._loads is not None else set()
+        errors, self._unloaded = self._unloaded, set()
+        return errors | (self._loads.take_errors() if self._loads is not None else set())
 
     def wait_for_save(self, meta: CacheServiceMeta) -> None:
-        loads, saves = self._registered()
-        loads.finish()  # the forward has run: every layer landed already
-        saves.save(meta.saves)
+        if self._loads is None or self._saves is None:
+            return  # nothing registered to copy from: the blocks are not stored
+        self._loads.finish()  # the forward has run: every layer landed already
+        self._saves.save(meta.saves)
 
     def flush(self) -> None:
         """Wait until every save handed to the commit thread is committed (or failed)."""
