@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -151,14 +152,34 @@ class Peer:
             self.proc.wait()
 
 
-def run_case(block_mib: int, gib: float, reps: int, work: Path, peer_python: str | None) -> None:
+class Geometry(NamedTuple):
+    """One case's sizes: ``requests`` prompts of REQUEST_TOKENS in blocks of ``block_mib``;
+    engine blocks ``src`` are saved from, ``dst`` (the second half) loaded into."""
+
+    block_tokens: int
+    block_bytes: int
+    requests: int
+    total_blocks: int
+    nbytes: int
+    slot: int
+    src: list[list[int]]
+    dst: list[list[int]]
+
+
+def geometry(block_mib: int, gib: float) -> Geometry:
     block_tokens = (block_mib << 20) // TOKEN_BYTES
     block_bytes = block_tokens * TOKEN_BYTES
     requests = max(1, int(gib * GIB) // (REQUEST_TOKENS * TOKEN_BYTES))
     per_request = REQUEST_TOKENS // block_tokens
-    total_blocks = requests * per_request
-    nbytes = total_blocks * block_bytes
-    slot = block_bytes + 4096
+    total = requests * per_request
+    src = [list(range(r * per_request, (r + 1) * per_request)) for r in range(requests)]
+    dst = [[b + total for b in ids] for ids in src]
+    return Geometry(block_tokens, block_bytes, requests, total, total * block_bytes,
+                    block_bytes + 4096, src, dst)  # fmt: skip
+
+
+def run_case(block_mib: int, gib: float, reps: int, work: Path, peer_python: str | None) -> None:
+    block_tokens, _, requests, total_blocks, nbytes, slot, src, dst = geometry(block_mib, gib)
     svc = start_service(
         work / f"svc-{block_mib}",
         extra=[
@@ -170,10 +191,7 @@ def run_case(block_mib: int, gib: float, reps: int, work: Path, peer_python: str
             "",
         ],  # fmt: skip
     )
-    # Engine blocks: the first half is saved from, the second half loaded into.
     worker, caches = make_worker(svc.url, block_tokens, 2 * total_blocks)
-    src = [list(range(r * per_request, (r + 1) * per_request)) for r in range(requests)]
-    dst = [[b + total_blocks for b in ids] for ids in src]
     a, b = np.ones(nbytes, np.uint8), np.ones(nbytes, np.uint8)  # both touched
     rng = np.random.default_rng(block_mib)
     times: dict[str, list[float]] = {"limit": [], "store": [], "retrieve": []}
@@ -256,13 +274,8 @@ def run_disk_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
     after the commit, page cache, no fsync), then loads after a restart (host empty, the
     index rebuilt from disk, each block promoted into the arena by the acquire), cold (the
     block files dropped from the page cache) and warm."""
-    block_tokens = (block_mib << 20) // TOKEN_BYTES
-    block_bytes = block_tokens * TOKEN_BYTES
-    requests = max(1, int(gib * GIB) // (REQUEST_TOKENS * TOKEN_BYTES))
-    per_request = REQUEST_TOKENS // block_tokens
-    total = requests * per_request
-    nbytes = total * block_bytes
-    slot = block_bytes + 4096
+    g = geometry(block_mib, gib)
+    total, nbytes, slot, src, dst = g.total_blocks, g.nbytes, g.slot, g.src, g.dst
     disk = work / f"disk-{block_mib}"
     svc = start_service(
         work / f"svcd-{block_mib}",
@@ -271,9 +284,7 @@ def run_disk_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
             "--disk-dir", str(disk), "--disk-bytes", str((reps + 1) * (nbytes + total * 8192)),
         ],
     )  # fmt: skip
-    worker, _ = make_worker(svc.url, block_tokens, 2 * total)
-    src = [list(range(r * per_request, (r + 1) * per_request)) for r in range(requests)]
-    dst = [[b + total for b in ids] for ids in src]
+    worker, _ = make_worker(svc.url, g.block_tokens, 2 * total)
     rng = np.random.default_rng(block_mib + 7)
     ours: dict[str, list[float]] = {"write": [], "cold": [], "warm": []}
     raw: dict[str, list[float]] = {"write": [], "cold": [], "warm": []}
@@ -286,9 +297,9 @@ def run_disk_case(block_mib: int, gib: float, reps: int, work: Path) -> None:
 
     try:
         for rep in range(reps):
-            for k, v in disk_limits(work / "raw", total, block_bytes).items():
+            for k, v in disk_limits(work / "raw", total, g.block_bytes).items():
                 raw[k].append(v)
-            prompts = [rng.integers(0, 1 << 17, REQUEST_TOKENS).tolist() for _ in range(requests)]
+            prompts = [rng.integers(0, 1 << 17, REQUEST_TOKENS).tolist() for _ in range(g.requests)]
             start = time.perf_counter()
             store(worker, prompts, src)
             with svc.client() as c:
