@@ -144,7 +144,6 @@ class ChunkStore:
             raise BadRequest("namespace and layout disagree on block_tokens: use one value")
         self.client, self.layout = client, layout
         self.device = device
-        self._pinned = device is not None and device.type == "cuda"
         info = client.register(ns, layout.block_bytes)
         self.ns_id, self.seed = info.ns, info.seed
         self._arena: ArenaClient | None = None
@@ -246,7 +245,7 @@ class ChunkStore:
             view, n = self._arena.current(), self.layout.block_bytes
             if len(acq.slots) < len(keys) or any(x != n for x in acq.lengths[: len(keys)]):
                 return None
-            if self._pinned:  # DMA-able: the device copy reads it straight
+            if self.device is not None and self.device.type == "cuda":  # DMA-able as it is
                 out = torch.empty(len(keys) * n, dtype=torch.uint8, pin_memory=True)
                 dst = memoryview(out.numpy())
             else:

@@ -66,16 +66,19 @@ def _parents() -> dict[int, torch.nn.Module]:
     return out
 
 
-def _holds(root: object, attention: dict[str, torch.nn.Module]) -> bool:
-    if not issubclass(type(root), torch.nn.Module):
-        return False
+def _misplaced(root: torch.nn.Module, attention: dict[str, torch.nn.Module]) -> str | None:
+    """The first layer name under which ``root`` does not hold that very layer, or None."""
     for name, layer in attention.items():
         try:
             if root.get_submodule(name) is not layer:
-                return False
+                return name
         except AttributeError:
-            return False
-    return True
+            return name
+    return None
+
+
+def _holds(root: object, attention: dict[str, torch.nn.Module]) -> bool:
+    return issubclass(type(root), torch.nn.Module) and _misplaced(root, attention) is None
 
 
 def _from_callers(attention: dict[str, torch.nn.Module], depth: int = 32):
@@ -124,13 +127,8 @@ def find_model(attention: dict[str, torch.nn.Module]) -> Found:
         if id(node) not in parents:
             raise Unsupported(f"{name}: no module holds this attention layer")
         node = parents[id(node)]
-    for n, layer in attention.items():
-        try:
-            found = node.get_submodule(n)
-        except AttributeError:
-            found = None
-        if found is not layer:
-            raise Unsupported(f"{n} is not the registered attention layer of {type(node)}")
+    if (n := _misplaced(node, attention)) is not None:
+        raise Unsupported(f"{n} is not the registered attention layer of {type(node)}")
     return Found(node, "heap")
 
 
