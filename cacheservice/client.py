@@ -129,8 +129,17 @@ class CacheClient:
     def _send(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
         for attempt in range(2):
             conn, reused = self._conn()
+            cut = False
             try:
-                conn.request(method, path, body=body, headers=self._headers)
+                try:
+                    conn.request(method, path, body=body, headers=self._headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    # A service that rejects a body (413) answers and closes before reading
+                    # it all: its answer is already here. Otherwise the send error stands.
+                    if not body or conn.sock is None:
+                        raise
+                    cut = True
+                    conn.sock.settimeout(0.05)
                 resp = conn.getresponse()
                 data = resp.read()
             except _STALE as e:
@@ -143,7 +152,7 @@ class CacheClient:
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
                 raise ServiceUnavailable(f"cannot reach cacheservice at {self.url}: {e!r}") from e
-            if resp.will_close:
+            if resp.will_close or cut:
                 self._drop()
             return resp.status, data
         raise AssertionError("unreachable: the loop returns or raises")

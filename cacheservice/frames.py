@@ -9,8 +9,13 @@ same msgpack document over a unix socket with a 5-byte header:
 
 The first frame on a connection is ``hello`` with ``{"token": ...}`` (the bearer token, or
 "" when the service runs without auth); it answers ``{"instance": id}``, the id ``/health``
-also names, so a client proves the socket belongs to the service its URL points at. Frames
+also names, so a client proves the socket belongs to the service its URL points at, and its
+``max_body_bytes``, so a client refuses an oversize body before sending a byte of it. Frames
 are answered in order, one at a time per connection. The socket is 0600: same user only.
+
+A service that rejects a frame (413, 401) answers, then closes the connection without reading
+the rest: a client still sending gets EPIPE, yet the answer is already in its receive buffer,
+so it reads that answer instead of reporting the service unreachable.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cacheservice.errors import ServiceUnavailable
+from cacheservice.errors import ServiceUnavailable, TooLarge
 from cacheservice.protocol import error_for, pack, unpack
 
 # Operation numbers are positions: append only (ops.DATA_PLANE holds the same paths).
@@ -54,6 +59,7 @@ class FramesConnection:
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.sock: socket.socket | None = None
         self.instance = ""
+        self.max_body_bytes: int | None = None  # the service's bound, from its hello
 
     def connect(self) -> str:
         """Open and say hello; returns the service instance id. OSError if unreachable."""
@@ -70,30 +76,38 @@ class FramesConnection:
         if status != 200:
             self.close()
             raise error_for(status, data)
-        self.instance = str(unpack(data).get("instance", ""))
+        doc = unpack(data)
+        self.instance = str(doc.get("instance", ""))
+        bound = doc.get("max_body_bytes")
+        self.max_body_bytes = bound if isinstance(bound, int) and bound > 0 else None
         return self.instance
 
     def call(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """Send one operation, return (status, answer body). OSError when the socket fails."""
+        """Send one operation, return (status, answer body). OSError when the socket fails;
+        TooLarge, without sending, for a body over the service's ``max_body_bytes``."""
         if self.sock is None:
             self.connect()
+        if self.max_body_bytes is not None and len(body) > self.max_body_bytes:
+            raise TooLarge(
+                f"{path} body of {len(body)} bytes exceeds the service's "
+                f"max_body_bytes={self.max_body_bytes}: send fewer blocks per call or raise the "
+                "service's --max-body-bytes"
+            )
         return self._exchange(OP_IDS[path], body)
 
     def _exchange(self, op: int, body: bytes) -> tuple[int, bytes]:
         sock = self.sock
         assert sock is not None, "exchange on a closed frames connection"
-        head = REQUEST.pack(len(body), op)
-        if len(body) < 65536:
-            sock.sendall(head + body)
-        else:  # no concatenated copy of a large payload
-            sent = sock.sendmsg([head, body])
-            if sent < len(head):
-                sock.sendall(head[sent:])
-                sent = len(head)
-            sock.sendall(memoryview(body)[sent - len(head) :])
-        head = _recv_exact(sock, ANSWER.size)
-        length, status = ANSWER.unpack(head)
-        return status, _recv_exact(sock, length)
+        try:
+            _send_frame(sock, REQUEST.pack(len(body), op), body)
+        except (BrokenPipeError, ConnectionResetError):
+            # The service may have answered (413, 401) and closed before reading it all.
+            answer = _buffered_answer(sock)
+            self.close()
+            if answer is None:
+                raise
+            return answer
+        return _read_answer(sock)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -210,6 +224,31 @@ class FramesLane:
         for conn in conns:
             conn.close()
         self._local = threading.local()
+
+
+def _send_frame(sock: socket.socket, head: bytes, body: bytes) -> None:
+    if len(body) < 65536:
+        sock.sendall(head + body)
+        return
+    sent = sock.sendmsg([head, body])  # no concatenated copy of a large payload
+    if sent < len(head):
+        sock.sendall(head[sent:])
+        sent = len(head)
+    sock.sendall(memoryview(body)[sent - len(head) :])
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    length, status = ANSWER.unpack(_recv_exact(sock, ANSWER.size))
+    return status, _recv_exact(sock, length)
+
+
+def _buffered_answer(sock: socket.socket) -> tuple[int, bytes] | None:
+    """The answer a service wrote before closing on us, if a whole one is there."""
+    try:
+        sock.settimeout(0.05)  # it was written before the close we saw: no waiting for more
+        return _read_answer(sock)
+    except OSError:
+        return None
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

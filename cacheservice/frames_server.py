@@ -102,7 +102,8 @@ class FramesServer:
                     msg = "wrong token in hello: send the token the service was started with"
                     await _answer(writer, 401, error_body("unauthorized", msg))
                     return
-                await _answer(writer, 200, pack({"instance": self.info.instance}))
+                hello = {"instance": self.info.instance, "max_body_bytes": self.max_body_bytes}
+                await _answer(writer, 200, pack(hello))
                 continue
             if not authed:
                 msg = "the first frame must be hello with the service's token"

@@ -19,6 +19,8 @@ from cacheservice.errors import (
     UnknownNamespace,
     WrongBlockSize,
 )
+from cacheservice.frames import FramesConnection
+from cacheservice.tokens import client_token
 from tests.factories import BLOCK_BYTES, make_namespace, make_payloads, make_prefix_keys
 from tests.processes import ServiceProcess
 
@@ -135,6 +137,35 @@ def test_oversize_body_is_413_and_service_stays_up(make_service) -> None:
         assert c.lookup(info.ns, keys).hits == 0  # nothing of the rejected call was stored
         assert c.put_blocks(info.ns, keys[:10], b"".join(blocks[:10])) == 10
         assert c.lookup(info.ns, keys).hits == 10
+
+
+def test_oversize_body_is_413_on_every_transport_however_far_it_got(make_service) -> None:
+    """A body far over the bound is a TooLarge, never 'unreachable': refused before sending
+    when the client knows the bound (frames hello), read from the receive buffer when the
+    service answered and closed while the body was still going out (HTTP, or a frames
+    client that did not know the bound)."""
+    svc = make_service("small", extra=["--max-body-bytes", "64k"])
+    ns = make_namespace()
+    keys, blocks = make_prefix_keys(ns, 2000), make_payloads(2000)
+    body = b"".join(blocks)  # ~30x the bound: the service closes long before it is sent
+    with svc.client() as framed, svc.client(frames=False) as http_only:
+        info = framed.register(ns, BLOCK_BYTES)
+        for c in (framed, http_only):
+            for _ in range(5):
+                with pytest.raises(TooLarge, match="max_body_bytes"):
+                    c.put_blocks(info.ns, keys, body)
+        assert framed.transport == "frames"
+        conn = FramesConnection(f"{svc.arena_path}.sock", client_token(svc.token), 5.0, 1.0)
+        conn.connect()
+        assert conn.max_body_bytes == 64 * 1024
+        conn.max_body_bytes = None  # a client that sends first: it still gets the answer
+        request = msgpack.packb({"ns": info.ns, "keys": b"".join(keys), "data": body})
+        status, doc = conn.call("/v1/blocks/put", request)
+        assert status == 413 and b"max_body_bytes" in doc
+        assert conn.sock is None  # the service closed that connection; so did the client
+        assert framed.lookup(info.ns, keys).hits == 0
+        assert http_only.put_blocks(info.ns, keys[:10], b"".join(blocks[:10])) == 10
+        assert framed.lookup(info.ns, keys).hits == 10
 
 
 def test_token_required_except_health(make_service) -> None:
