@@ -5,10 +5,11 @@ beside the memcpy limit measured in the same run:
         [--disk] [--lmcache]
 
 KV is Llama-3.1-8B-shaped bf16 (32 layers, 8 KV heads, head_dim 128: 128 KiB per token) in a
-block-major paged cache like vLLM's. Store = the worker's ``wait_for_save`` (reserve over HTTP,
-copy every layer into the arena slots, xxh3 of each tile as it is copied) plus its commit (spot
-checksums, HTTP commit), until ``flush`` returns. Retrieve = ``start_load_kv`` (acquire over
-HTTP, copy every layer into engine blocks, xxh3 of each tile as it lands, compared with the
+block-major paged cache like vLLM's. Store = the worker's ``start_load_kv`` + ``wait_for_save``
+as vLLM's step calls them, with no forward between (reserve over the frames socket, copy
+every layer into the arena slots, xxh3 of each tile as it is copied) plus its commit (spot
+checksums, one commit call), until ``flush`` returns. Retrieve = ``start_load_kv`` (acquire,
+copy every layer into engine blocks, xxh3 of each tile as it lands, compared with the
 writer's) until every layer has landed. Hashing the prompt into keys is timed
 inside both (``prefix_keys``, as the scheduler does). The limit is one ``np.copyto`` of the
 same bytes between two touched buffers. Each case is the median of ``--reps`` interleaved runs
@@ -82,7 +83,8 @@ def store(worker: WorkerSide, prompts: list[list[int]], block_ids: list[list[int
     for i, (prompt, ids) in enumerate(zip(prompts, block_ids, strict=True)):
         keys = tuple(prefix_keys(prompt, ns.seed, bt))
         meta = CacheServiceMeta(saves=[SaveSpec(f"s{i}", (keys,), (ROOT_KEY,), tuple(ids))])
-        worker.wait_for_save(meta)
+        worker.start_load_kv(meta)  # as vLLM's step: the reserve goes out here, then the
+        worker.wait_for_save(meta)  # forward (none here), then the copy waits for the slots
     worker.flush()
     return time.perf_counter() - start
 

@@ -1,6 +1,12 @@
 """A step's saves: the request's new blocks into slots the service reserved, copied right
 after the forward, before vLLM can reuse the blocks, then committed on a thread off the step.
 
+The slots are asked for ahead: ``prepare`` (from ``start_load_kv``, before the forward) sends
+the step's reserves on a thread of their own, so the service's answer arrives while the
+engine computes and the step waits only for the copy. Called without ``prepare`` (or with
+other specs), ``save`` sends them itself, still all at once, so the copy of one request's
+blocks overlaps the reserve of the next. A reserve the step does not use is aborted.
+
 A CPU cache's checksums come from the copy itself (host_copy.py); a GPU cache's copies are
 enqueued on the side stream and hashed on the commit thread once they are done (transfer.py).
 The full xxh3_64 is what every reader verifies; the service itself checks only spot
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
@@ -37,38 +43,78 @@ class Saver:
         copier: BlockCopier,
         host: HostCopier | None,
         commits: ThreadPoolExecutor,
+        reserves: ThreadPoolExecutor,
         stats: dict,
     ) -> None:
         self.link, self.copier, self.host = link, copier, host
         self._commits = commits  # one thread: commits reach the service in order
+        self._reserves = reserves  # one thread: a step's reserves, in its saves' order
+        self._ahead: tuple[list[SaveSpec], list[Future]] | None = None
         self.stats = stats
+
+    def prepare(self, specs: list[SaveSpec]) -> None:
+        """Send the reserves of ``specs`` now; ``save(specs)`` uses their answers."""
+        self._abandon()
+        if specs and self.link.gate.open:
+            self._ahead = (specs, [self._reserves.submit(self._reserve, s) for s in specs])
 
     def save(self, specs: list[SaveSpec]) -> None:
         start = time.perf_counter()
-        for spec in specs:
+        ahead = self._ahead
+        if ahead is not None and ahead[0] is specs:
+            self._ahead, futures = None, ahead[1]
+        else:
+            self._abandon()
+            if not specs or not self.link.gate.open:
+                return
+            futures = [self._reserves.submit(self._reserve, s) for s in specs]
+        for i, (spec, fut) in enumerate(zip(specs, futures, strict=True)):
             if not self.link.gate.open:
+                self._abandon(futures[i:])
                 break
             try:
-                self._save(spec)
+                waited = time.perf_counter()
+                res = fut.result()  # bounded by the step client's timeout
+                self.stats["reserve_s"] += time.perf_counter() - waited
+                if res is not None:
+                    self._copy(spec, res)
             except ServiceUnavailable as e:
                 self.link.gate.failed(e)
             except Exception as e:  # a refused save, or a bug here, only loses a future hit
                 log.error("cacheservice save skipped: %r", e)
         self.stats["save_s"] += time.perf_counter() - start
 
-    def _save(self, spec: SaveSpec) -> None:
+    def _reserve(self, spec: SaveSpec) -> ReserveResult | None:
         link = self.link
+        if not link.gate.open:  # an earlier reserve of the step failed: no second timeout
+            return None
         keys = list(spec.keys[link.rank])
-        start = time.perf_counter()
-        res = link.call(link.step_client.reserve, link.ns.id, keys, spec.parents[link.rank])
-        copy = time.perf_counter()
-        self.stats["reserve_s"] += copy - start
+        return link.call(link.step_client.reserve, link.ns.id, keys, spec.parents[link.rank])
+
+    def _abandon(self, futures: list[Future] | None = None) -> None:
+        """Abort the leases of reserves no step will fill (the previous step's, by default),
+        as each answer arrives, off the step."""
+        if futures is None:
+            futures, self._ahead = (self._ahead[1] if self._ahead else []), None
+        for fut in futures:
+            fut.add_done_callback(lambda f: self._commits.submit(self._release, f))
+
+    def _release(self, fut: Future) -> None:
+        try:
+            res = fut.result()
+            if res is not None and res.lease:
+                self.link.client.release(res.lease)
+        except Exception as e:  # the lease expires on its own
+            log.debug("cacheservice reserve not released: %r", e)
+
+    def _copy(self, spec: SaveSpec, res: ReserveResult) -> None:
         if not res.lease:
             return  # nothing to store: all held already, or no room
+        copy = time.perf_counter()
         # Mapped after the reserve: the arena that gave these slots. Should it have been
         # replaced anyway, the checksums of what we wrote will not match the slots' bytes and
         # the service publishes nothing.
-        arena = link.arena()
+        arena = self.link.arena()
         pairs = [(s, b) for s, b in zip(res.slots, spec.block_ids, strict=False) if s is not None]
         slots, blocks = [s for s, _ in pairs], [b for _, b in pairs]
         copying, sums = None, None

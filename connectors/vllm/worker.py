@@ -53,6 +53,8 @@ class WorkerSide:
         # Commits (spot checksums, a GPU save's full ones, HTTP) and lease releases run here,
         # in order, off the step.
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-commit")
+        # A step's reserves, sent before its forward so their answers arrive while it runs.
+        self._reserves = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-reserve")
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
         self.stats |= {"load_s": 0.0, "acquire_s": 0.0, "verify_s": 0.0, "copy_in_s": 0.0}
         self.stats |= {"save_s": 0.0, "reserve_s": 0.0, "copy_out_s": 0.0, "commit_s": 0.0}
@@ -82,12 +84,15 @@ class WorkerSide:
         host = None if rows is None else HostCopier(rows, self._helper)
         self.link.pin = layers[0].is_cuda
         self._loads = Loader(self.link, copier, host, self._helper, self._commits, self.stats)
-        self._saves = Saver(self.link, copier, host, self._commits, self.stats)
+        self._saves = Saver(self.link, copier, host, self._commits, self._reserves, self.stats)
 
     def start_load_kv(self, meta: CacheServiceMeta) -> None:
-        if self._loads is None:  # no KV caches were registered: nothing can load, recompute
+        if self._loads is None or self._saves is None:
+            # no KV caches were registered: nothing can load (recompute) or be saved
             self._unloaded.update(b for spec in meta.loads for b in spec.block_ids)
-        elif meta.loads:
+            return
+        self._saves.prepare(meta.saves)  # the slots come while this step's forward runs
+        if meta.loads:
             self._loads.begin(meta.loads)
         else:
             self._loads.finish()
@@ -115,6 +120,7 @@ class WorkerSide:
         self._commits.submit(lambda: None).result()
 
     def close(self) -> None:
+        self._reserves.shutdown(wait=True)
         self._commits.shutdown(wait=True)  # committed blocks reach the service before exit
         self._helper.shutdown(wait=True)
         self.link.close()

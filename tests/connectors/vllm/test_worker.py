@@ -1,13 +1,78 @@
-"""The worker side before vLLM registered any KV cache: every call is answered, nothing
-crashes, and a load it cannot do is reported once as failed blocks (vLLM recomputes them)."""
+"""The worker side against a real service, outside vLLM, called as vLLM's model runner calls
+it (start_load_kv before the forward, wait_for_save after it): a step's reserves go out before
+its forward and a step that never saves gives its slots back; before vLLM registered any KV
+cache, every call is answered, nothing crashes, and a load it cannot do is reported once as
+failed blocks (vLLM recomputes them)."""
 
 from __future__ import annotations
+
+import torch
 
 from connectors.vllm.scheduler import CacheLayout, CacheServiceMeta, LoadSpec, SaveSpec, Settings
 from connectors.vllm.worker import WorkerSide
 from index.hashing import ROOT_KEY
 from tests.factories import make_namespace, make_prefix_keys
-from tests.processes import free_port
+from tests.processes import free_port, wait_until
+
+LAYERS = ("layers.0.attn", "layers.1.attn")
+LAYER_BYTES = 2 * 32 * 8 * 4  # K and V of 32 tokens, one head of 8 floats
+
+
+def make_worker(url: str, num_blocks: int = 16) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
+    ns = make_namespace(block_tokens=32)
+    layout = CacheLayout((ns,), 2 * LAYER_BYTES, LAYERS, LAYER_BYTES, 32)
+    worker = WorkerSide(Settings(url=url), layout, 0, num_blocks)
+    caches = {name: torch.randn(num_blocks, 2, 32, 1, 8) for name in LAYERS}
+    worker.register_kv_caches(caches)
+    return worker, caches
+
+
+def step(worker: WorkerSide, meta: CacheServiceMeta) -> None:
+    """One engine step as vLLM's model runner drives the connector."""
+    worker.start_load_kv(meta)
+    for name in LAYERS:  # the forward
+        worker.wait_for_layer_load(name)
+    worker.wait_for_save(meta)
+
+
+def test_reserves_go_out_before_the_forward_and_unused_ones_are_given_back(make_service):
+    svc = make_service("worker", extra=["--slot-bytes", "8192"])
+    worker, caches = make_worker(svc.url)
+    ns = worker.ns
+    keys = make_prefix_keys(ns, 4)
+    saves = [
+        SaveSpec("a", (tuple(keys[:2]),), (ROOT_KEY,), (0, 1)),
+        SaveSpec("b", (tuple(keys[2:]),), (keys[1],), (2, 3)),
+    ]
+    meta = CacheServiceMeta(saves=saves)
+    try:
+        with svc.client() as c:
+            worker.start_load_kv(meta)
+            # before the forward has run, the service already holds the step's slots
+            wait_until(lambda: c.stats()["reserved_slots"] == 4, 5, "no reserve before save")
+            for name in LAYERS:
+                worker.wait_for_layer_load(name)
+            worker.wait_for_save(meta)
+            worker.flush()
+            assert worker.stats["saved_blocks"] == 4 and c.lookup(ns.id, keys).hits == 4
+            step(worker, CacheServiceMeta(loads=[LoadSpec("l", (tuple(keys),), (8, 9, 10, 11))]))
+            assert worker.take_load_errors() == set()
+            for cache in caches.values():
+                assert torch.equal(cache[0:4], cache[8:12]), "loaded KV differs from saved"
+            # a step whose wait_for_save never comes: the next step aborts its reserve
+            other = make_prefix_keys(ns, 6, seed=1)
+            lost = [SaveSpec("c", (tuple(other),), (ROOT_KEY,), (4, 5, 6, 7, 12, 13))]
+            worker.start_load_kv(CacheServiceMeta(saves=lost))
+            step(worker, CacheServiceMeta())
+            wait_until(lambda: c.stats()["reserved_slots"] == 0, 5, "reserve never aborted")
+            worker.flush()
+            assert c.stats()["leases"] == 0 and c.lookup(ns.id, other).hits == 0
+            # saved without a prepare (a caller that skips start_load_kv): still stored
+            worker.wait_for_save(CacheServiceMeta(saves=lost))
+            worker.flush()
+            assert c.lookup(ns.id, other).hits == 6
+    finally:
+        worker.close()
 
 
 def test_an_unregistered_worker_fails_loads_and_skips_saves():
