@@ -10,7 +10,7 @@ blocks overlaps the reserve of the next. A reserve the step does not use is abor
 A CPU cache's checksums come from the copy itself (host_copy.py); a GPU cache's copies are
 enqueued on the side stream and hashed on the commit thread once they are done (transfer.py).
 The full xxh3_64 is what every reader verifies; the service itself checks only spot
-checksums, so a commit costs it a few lines per page. The service skips blocks it already
+checksums, so a commit costs it 65 lines per block. The service skips blocks it already
 holds (the reserve gives them no slot), and a save the service refuses, or that meets a
 failing one, only loses a future hit.
 """

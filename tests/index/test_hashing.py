@@ -10,9 +10,12 @@ from index.hashing import (
     KEY_BYTES,
     ROOT_KEY,
     Namespace,
+    SPOT_LINE,
+    SPOT_LINES,
     chunk_block_keys,
     chunk_key,
     prefix_keys,
+    spot_checksum,
 )
 
 
@@ -106,3 +109,23 @@ def test_bad_namespace_rejected(kw):
 
 def test_root_key_is_zero():
     assert ROOT_KEY == bytes(16)
+
+
+@pytest.mark.parametrize("size", [1000, 4096, 258048, 2 << 20, 32 << 20])
+def test_spot_checksum_samples_a_fixed_number_of_spread_lines(size):
+    """Any change to a sampled line (the first, one far in, the last) changes the spot; a
+    byte between the lines does not: that one is for the readers' full checksum. Under 4 KiB
+    every byte is sampled."""
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    spot = spot_checksum(data)
+    stride = size // SPOT_LINES // SPOT_LINE * SPOT_LINE
+    sampled = [0, size - 1] + ([(SPOT_LINES - 1) * stride + 5] if stride > SPOT_LINE else [])
+    for at in sampled:
+        changed = data.copy()
+        changed[at] ^= 0xFF
+        assert spot_checksum(changed) != spot, f"byte {at} of {size} is sampled"
+    between = data.copy()
+    between[SPOT_LINE + 1] ^= 0xFF
+    assert (spot_checksum(between) == spot) == (stride > SPOT_LINE)
+    other = np.random.default_rng(size + 1).integers(0, 256, size, dtype=np.uint8)
+    assert spot_checksum(other) != spot, "another writer's block is told apart"
