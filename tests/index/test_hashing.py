@@ -9,9 +9,9 @@ import torch
 from index.hashing import (
     KEY_BYTES,
     ROOT_KEY,
-    Namespace,
     SPOT_LINE,
     SPOT_LINES,
+    Namespace,
     chunk_block_keys,
     chunk_key,
     prefix_keys,
