@@ -14,6 +14,7 @@ import itertools
 import os
 
 import numpy as np
+import xxhash
 
 from tiers import pagecache
 from tiers.base import HEADER_BYTES, Block, BlockMeta, CorruptBlock
@@ -62,45 +63,63 @@ def write_file(
         return e
 
 
+READ_TILE = 512 * 1024  # a piece still in the core's cache when it is hashed
+
+
 def read_file(path: str, size: int, out: memoryview | None = None, flags: int = 0) -> ReadOutcome:
     """Read the ``size``-byte file at ``path`` and verify it. The payload lands in ``out``
     (exactly ``size - HEADER_BYTES`` bytes) when given, else in a fresh buffer the caller then
     owns. With ``flags=os.RWF_NOWAIT`` raises BlockingIOError instead of waiting for the
-    device."""
+    device. The payload is read in ``READ_TILE`` pieces, each hashed as soon as it landed,
+    while still cached: the checksum costs no second pass over the block from memory."""
     fd = pagecache.open_block_file(path)
     if not isinstance(fd, int):
         return fd
-    if out is None:
-        # np.empty: no zero fill of bytes about to be overwritten
-        whole = memoryview(np.empty(size, dtype=np.uint8))
-        header, payload = whole[:HEADER_BYTES], whole[HEADER_BYTES:]
-    else:
-        assert len(out) == size - HEADER_BYTES, "out must be exactly the payload length"
-        header, payload = memoryview(bytearray(HEADER_BYTES)), out
-    # one read fills header and payload; the spare byte detects a file longer than recorded
-    bufs = [header, payload, memoryview(bytearray(1))]
-    got = at = 0
     try:
-        while at < len(bufs) and got <= size:
-            n = os.preadv(fd, bufs[at:], got, flags)
-            if n == 0:
-                break
-            got += n
-            at = advance(bufs, at, n)
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            return CorruptBlock(f"{path}: {actual} bytes on disk, {size} expected")
+        header = bytearray(HEADER_BYTES)
+        if _read_at(fd, memoryview(header), 0, flags, None) != HEADER_BYTES:
+            return CorruptBlock(f"{path}: shorter than its header")
+        meta = BlockMeta.decode(header)
+        if meta.length != size - HEADER_BYTES:
+            return CorruptBlock(f"{path}: header says {meta.length} bytes, file holds more")
+        if out is None:
+            payload = memoryview(np.empty(meta.length, dtype=np.uint8))  # no zero fill
+        else:
+            assert len(out) == size - HEADER_BYTES, "out must be exactly the payload length"
+            payload = out
+        digest = xxhash.xxh3_64()
+        got = _read_at(fd, payload, HEADER_BYTES, flags, digest)
     except BlockingIOError:
         raise
+    except CorruptBlock as e:
+        return e
     except OSError as e:
         return e
     finally:
         os.close(fd)
-    if got != size:
-        return CorruptBlock(f"{path}: {got} bytes on disk, {size} expected")
-    try:
-        meta = BlockMeta.decode(header)
-        meta.verify(payload)
-    except CorruptBlock as e:
-        return e
+    if got != meta.length:
+        return CorruptBlock(f"{path}: {HEADER_BYTES + got} bytes read, {size} expected")
+    if digest.intdigest() != meta.checksum:
+        return CorruptBlock(f"checksum mismatch for block {meta.key.hex()} in {path}")
     return Block(meta, payload)
+
+
+def _read_at(fd: int, buf: memoryview, offset: int, flags: int, digest) -> int:
+    """Fill ``buf`` from ``offset`` tile by tile (each fed to ``digest`` as it lands); the
+    bytes read, fewer at end of file."""
+    got = 0
+    while got < len(buf):
+        piece = buf[got : got + READ_TILE]
+        n = os.preadv(fd, [piece], offset + got, flags)
+        if n == 0:
+            break
+        if digest is not None:
+            digest.update(piece[:n])
+        got += n
+    return got
 
 
 def read_cached(path: str, size: int, out: memoryview | None, nowait: int) -> ReadOutcome:

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from tests.factories import DAMAGES, damage_file, make_block_chain, make_meta, make_payload
-from tiers.base import HEADER_BYTES
+from tiers.base import HEADER_BYTES, Block, CorruptBlock
+from tiers.blockfile import READ_TILE, read_file, write_file
 from tiers.disk import DiskTier
 
 
@@ -98,3 +99,28 @@ async def test_memoryview_payload_and_write_failure(tmp_path):
     os.unlink(fanout)
     os.mkdir(fanout)
     disk.check_integrity()
+
+
+@pytest.mark.parametrize("at", [None, 0, READ_TILE - 1, READ_TILE, 2 * READ_TILE + 99])
+def test_a_block_of_several_tiles_is_verified_in_every_tile(tmp_path, at):
+    """Reads hash each tile as it lands: a flipped byte in any tile (the first, either side
+    of a tile edge, the last) is a CorruptBlock, read into a slot or into a fresh buffer."""
+    payload = make_payload(2 * READ_TILE + 100, seed=3)
+    meta = make_meta(payload, 3)
+    path = str(tmp_path / "b.blk")
+    assert write_file(path, meta.encode(), payload) is None
+    size = HEADER_BYTES + meta.length
+    if at is not None:
+        with open(path, "r+b") as f:
+            f.seek(HEADER_BYTES + at)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x10]))
+    slot = memoryview(bytearray(meta.length))
+    for out in (slot, None):
+        got = read_file(path, size, out)
+        if at is None:
+            assert isinstance(got, Block) and bytes(got.payload) == payload
+        else:
+            assert isinstance(got, CorruptBlock), f"flip at {at} not caught"
+    assert isinstance(read_file(path, size + 1), CorruptBlock), "size on record must match"
