@@ -33,10 +33,18 @@ SPLIT_BYTES = 8 << 20  # below this a helper thread's hand-off costs more than i
 
 
 class _Group(NamedTuple):
-    at: int  # index of its first block in the caller's lists
+    """``count`` pairs from index ``at``: slot ``slot + i * slot_step`` with engine block
+    ``block + i * block_step``. Either side may run downwards: vLLM hands out a request's
+    blocks in descending order once its free queue has turned over (measured in vLLM 0.32:
+    31, 30, 29, ... against ascending slots), and a run each way is one strided copy per
+    layer where single blocks cost a copy and a hash call per layer each."""
+
+    at: int
     slot: int
     block: int
     count: int
+    slot_step: int = 1
+    block_step: int = 1
 
 
 class HostCopier:
@@ -60,20 +68,22 @@ class HostCopier:
         return self._run(grid, slots, blocks, into_cache=True)
 
     def groups(self, slots: list[int], blocks: list[int]) -> list[_Group]:
-        """Runs of consecutive slots and blocks, cut into tiles of at most ``per_group``."""
+        """Runs of slots and blocks each moving by one (up or down), cut into tiles of at most
+        ``per_group``."""
         assert len(slots) == len(blocks), "one engine block per slot"
         out: list[_Group] = []
         for i, (slot, block) in enumerate(zip(slots, blocks, strict=True)):
             last = out[-1] if out else None
-            if (
-                last is not None
-                and last.count < self.per_group
-                and last.slot + last.count == slot
-                and last.block + last.count == block
-            ):
-                out[-1] = last._replace(count=last.count + 1)
-            else:
-                out.append(_Group(i, slot, block, 1))
+            if last is not None and last.count < self.per_group:
+                ds = slot - (last.slot + (last.count - 1) * last.slot_step)
+                db = block - (last.block + (last.count - 1) * last.block_step)
+                if last.count == 1 and ds in (1, -1) and db in (1, -1):
+                    out[-1] = last._replace(count=2, slot_step=ds, block_step=db)
+                    continue
+                if last.count > 1 and ds == last.slot_step and db == last.block_step:
+                    out[-1] = last._replace(count=last.count + 1)
+                    continue
+            out.append(_Group(i, slot, block, 1))
         return out
 
     def _run(self, grid, slots: list[int], blocks: list[int], into_cache: bool) -> list[int]:
@@ -99,8 +109,8 @@ class HostCopier:
     def _group(self, grid: np.ndarray, g: _Group, into_cache: bool, out: list[int]) -> None:
         hashes = [xxhash.xxh3_64() for _ in range(g.count)]
         for layer, rows in enumerate(self.rows):
-            engine = rows[g.block : g.block + g.count]
-            arena = grid[g.slot : g.slot + g.count, layer]
+            engine = _run_view(rows, g.block, g.count, g.block_step)
+            arena = _run_view(grid, g.slot, g.count, g.slot_step)[:, layer]
             if into_cache:
                 np.copyto(engine, arena)
             else:
@@ -109,3 +119,10 @@ class HostCopier:
                 h.update(page)
         for i, h in enumerate(hashes):
             out[g.at + i] = h.intdigest()
+
+
+def _run_view(a: np.ndarray, first: int, count: int, step: int) -> np.ndarray:
+    """Rows ``first, first + step, ...`` (``count`` of them) of ``a`` as a view."""
+    if step == 1:
+        return a[first : first + count]
+    return a[first - count + 1 : first + 1][::-1]

@@ -66,7 +66,8 @@ def test_round_trip_digests_are_whole_payload_xxh3(make_arena, heads, tokens, di
         monkeypatch.setattr(host_copy, "SPLIT_BYTES", 1)  # split even these small copies
     blocks_copier, host = copiers(layers, helper)
     grid = blocks_copier.host_slots_np(arena)
-    slots, blocks = [5, 6, 7, 0, 9, 2], [1, 2, 3, 8, 4, 11]  # runs and scattered ids
+    # runs each way (vLLM's blocks often descend), and scattered ids
+    slots, blocks = [5, 6, 7, 0, 9, 10, 11, 4, 3, 2], [1, 2, 3, 8, 6, 5, 4, 9, 10, 11]
     sums = host.save(grid, slots, blocks)
     for slot, block, got in zip(slots, blocks, sums, strict=True):
         stored = bytes(arena.payload(slot, LAYERS * layer_bytes))
@@ -74,7 +75,7 @@ def test_round_trip_digests_are_whole_payload_xxh3(make_arena, heads, tokens, di
         assert got == xxhash.xxh3_64_intdigest(stored)
     back = [torch.zeros_like(t) for t in layers]
     back_copier, back_host = copiers(back, helper)
-    into = [0, 1, 2, 3, 7, 10]
+    into = [0, 1, 2, 3, 11, 10, 9, 6, 5, 7]
     loaded = back_host.load(back_copier.host_slots_np(arena), slots, into)
     assert loaded == sums
     for i, block in zip(into, blocks, strict=True):
@@ -94,6 +95,11 @@ def test_groups_are_runs_cut_into_cache_sized_tiles(make_arena) -> None:
     _, host = copiers([torch.zeros(*shape) for _ in range(LAYERS)])
     groups = host.groups([0, 1, 2, 7, 8], [4, 5, 6, 0, 1])
     assert [(g.at, g.slot, g.block, g.count) for g in groups] == [(0, 0, 4, 3), (3, 7, 0, 2)]
+    # descending either side: still one run each (vLLM 0.32 hands out 31, 30, 29, ...)
+    runs = host.groups([0, 1, 2, 3, 9, 8, 7, 20, 4], [9, 8, 7, 6, 1, 2, 3, 40, 30])
+    assert [tuple(g) for g in runs] == [
+        (0, 0, 9, 4, 1, -1), (4, 9, 1, 3, -1, 1), (7, 20, 40, 1, 1, 1), (8, 4, 30, 1, 1, 1)
+    ]
 
 
 def test_a_load_digest_sees_a_scribbled_slot(make_arena) -> None:
