@@ -98,7 +98,10 @@ def test_groups_are_runs_cut_into_cache_sized_tiles(make_arena) -> None:
     # descending either side: still one run each (vLLM 0.32 hands out 31, 30, 29, ...)
     runs = host.groups([0, 1, 2, 3, 9, 8, 7, 20, 4], [9, 8, 7, 6, 1, 2, 3, 40, 30])
     assert [tuple(g) for g in runs] == [
-        (0, 0, 9, 4, 1, -1), (4, 9, 1, 3, -1, 1), (7, 20, 40, 1, 1, 1), (8, 4, 30, 1, 1, 1)
+        (0, 0, 9, 4, 1, -1),
+        (4, 9, 1, 3, -1, 1),
+        (7, 20, 40, 1, 1, 1),
+        (8, 4, 30, 1, 1, 1),
     ]
 
 
