@@ -5,7 +5,11 @@ The slots are asked for ahead: ``prepare`` (from ``start_load_kv``, before the f
 the step's reserves on a thread of their own, so the service's answer arrives while the
 engine computes and the step waits only for the copy. Called without ``prepare`` (or with
 other specs), ``save`` sends them itself, still all at once, so the copy of one request's
-blocks overlaps the reserve of the next. A reserve the step does not use is aborted.
+blocks overlaps the reserve of the next. A reserve the step does not use is aborted, and so is
+one older than ``AHEAD_S`` when the save comes: its lease lives the service's ``lease_ms``
+(30 s by default), which a CPU prefill of a long prompt can outlast, and a copy into the slots
+of an expired lease is lost (the commit finds no lease). Such a step reserves again, after its
+forward, where a reserve's millisecond no longer matters.
 
 A CPU cache's checksums come from the copy itself (host_copy.py); a GPU cache's copies are
 enqueued on the side stream and hashed on the commit thread once they are done (transfer.py).
@@ -24,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import xxhash
 
 from cacheservice.arena import ArenaView
-from cacheservice.errors import ServiceUnavailable
+from cacheservice.errors import CacheServiceError, ServiceUnavailable
 from cacheservice.results import ReserveResult
 from connectors.vllm.copies import BlockCopier
 from connectors.vllm.host_copy import HostCopier
@@ -34,6 +38,8 @@ from connectors.vllm.transfer import CudaSave
 from index.hashing import spot_checksum
 
 log = logging.getLogger("cacheservice.connectors.vllm")
+
+AHEAD_S = 1.0  # a reserve sent before the forward is used only if the save comes this soon
 
 
 class Saver:
@@ -50,6 +56,7 @@ class Saver:
         self._commits = commits  # one thread: commits reach the service in order
         self._reserves = reserves  # one thread: a step's reserves, in its saves' order
         self._ahead: tuple[list[SaveSpec], list[Future]] | None = None
+        self._ahead_at = 0.0
         self.stats = stats
 
     def prepare(self, specs: list[SaveSpec]) -> None:
@@ -57,12 +64,17 @@ class Saver:
         self._abandon()
         if specs and self.link.gate.open:
             self._ahead = (specs, [self._reserves.submit(self._reserve, s) for s in specs])
+            self._ahead_at = time.monotonic()
 
     def save(self, specs: list[SaveSpec]) -> None:
         start = time.perf_counter()
         ahead = self._ahead
+        fresh = time.monotonic() - self._ahead_at <= AHEAD_S
         if ahead is not None and ahead[0] is specs:
             self._ahead, futures = None, ahead[1]
+            if not fresh:  # its lease may have expired under the forward: ask again
+                pairs = zip(futures, specs, strict=True)
+                futures = [self._reserves.submit(self._renew, f, s) for f, s in pairs]
         else:
             self._abandon()
             if not specs or not self.link.gate.open:
@@ -90,6 +102,20 @@ class Saver:
             return None
         keys = list(spec.keys[link.rank])
         return link.call(link.step_client.reserve, link.ns.id, keys, spec.parents[link.rank])
+
+    def _renew(self, early: Future, spec: SaveSpec) -> ReserveResult | None:
+        """The early reserve of ``spec`` given back, then a fresh one (in this order, on the
+        reserve thread: the service refuses a key another lease still holds)."""
+        try:
+            res = early.result()
+            if res is not None and res.lease:
+                self.link.step_client.release(res.lease)
+        except ServiceUnavailable as e:  # no second timeout for the same service
+            self.link.gate.failed(e)
+            return None
+        except CacheServiceError as e:  # a refused early reserve or release: reserve anyway
+            log.debug("cacheservice early reserve not given back: %r", e)
+        return self._reserve(spec)
 
     def _abandon(self, futures: list[Future] | None = None) -> None:
         """Abort the leases of reserves no step will fill (the previous step's, by default),

@@ -6,8 +6,11 @@ failed blocks (vLLM recomputes them)."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from connectors.vllm import saves
 from connectors.vllm.scheduler import CacheLayout, CacheServiceMeta, LoadSpec, SaveSpec, Settings
 from connectors.vllm.worker import WorkerSide
 from index.hashing import ROOT_KEY
@@ -63,14 +66,36 @@ def test_reserves_go_out_before_the_forward_and_unused_ones_are_given_back(make_
             other = make_prefix_keys(ns, 6, seed=1)
             lost = [SaveSpec("c", (tuple(other),), (ROOT_KEY,), (4, 5, 6, 7, 12, 13))]
             worker.start_load_kv(CacheServiceMeta(saves=lost))
+            wait_until(lambda: c.stats()["reserved_slots"] == 6, 5, "no reserve before save")
             step(worker, CacheServiceMeta())
-            wait_until(lambda: c.stats()["reserved_slots"] == 0, 5, "reserve never aborted")
-            worker.flush()
-            assert c.stats()["leases"] == 0 and c.lookup(ns.id, other).hits == 0
+            wait_until(lambda: c.stats()["leases"] == 0, 5, "reserve never aborted")
+            assert c.stats()["reserved_slots"] == 0 and c.lookup(ns.id, other).hits == 0
             # saved without a prepare (a caller that skips start_load_kv): still stored
             worker.wait_for_save(CacheServiceMeta(saves=lost))
             worker.flush()
             assert c.lookup(ns.id, other).hits == 6
+    finally:
+        worker.close()
+
+
+def test_a_reserve_older_than_a_long_forward_is_asked_again(make_service, monkeypatch):
+    """A prefill that outlasts AHEAD_S (a lease may expire under it) gives the early reserve
+    back and reserves after the forward: the blocks are stored, no lease is left over."""
+    monkeypatch.setattr(saves, "AHEAD_S", 0.05)
+    svc = make_service("worker", extra=["--slot-bytes", "8192"])
+    worker, _ = make_worker(svc.url)
+    keys = make_prefix_keys(worker.ns, 3, seed=2)
+    meta = CacheServiceMeta(saves=[SaveSpec("a", (tuple(keys),), (ROOT_KEY,), (0, 1, 2))])
+    try:
+        with svc.client() as c:
+            worker.start_load_kv(meta)
+            wait_until(lambda: c.stats()["reserved_slots"] == 3, 5, "no reserve before save")
+            time.sleep(0.1)  # the forward of a long prompt
+            worker.wait_for_save(meta)
+            worker.flush()
+            assert c.lookup(worker.ns.id, keys).hits == 3
+            wait_until(lambda: c.stats()["leases"] == 0, 5, "the early reserve was not released")
+            assert c.stats()["reserved_slots"] == 0
     finally:
         worker.close()
 
