@@ -84,7 +84,10 @@ def read_file(path: str, size: int, out: memoryview | None = None, flags: int = 
             return CorruptBlock(f"{path}: shorter than its header")
         meta = BlockMeta.decode(header)
         if meta.length != size - HEADER_BYTES:
-            return CorruptBlock(f"{path}: header says {meta.length} bytes, file holds more")
+            return CorruptBlock(
+                f"{path}: header says {meta.length} payload bytes, the file holds "
+                f"{size - HEADER_BYTES}"
+            )
         if out is None:
             payload = memoryview(np.empty(meta.length, dtype=np.uint8))  # no zero fill
         else:
